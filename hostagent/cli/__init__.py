@@ -1,0 +1,1 @@
+"""The seed's command-line tools: vserver, chcontext, reducecap, ..."""

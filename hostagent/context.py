@@ -1,0 +1,744 @@
+"""Security contexts: start a guest's PID 1, and enter a running guest.
+
+The seed's new_s_context() became a set of namespaces (PID, mount, UTS, IPC,
+cgroup) plus a cgroup, a capability bounding set and a seccomp filter. This
+module builds them from a resident process with fork(), not by starting a
+new interpreter per guest: the namespaces and root switch cost about 2.4 ms,
+an interpreter 7 to 10 ms more (reference/perf.md).
+
+Starting PID 1 (launch_init):
+
+    caller ──fork──> A: join cgroup, unshare(NEWNS|NEWUTS|NEWIPC|NEWPID|NEWCGROUP)
+                     A ──fork──> B (PID 1 of the new PID namespace)
+                     A reports B's host pid and exits; nothing stays behind.
+                     B: mounts, pivot_root, names, limits, ceiling, seccomp, exec init
+
+B reports a failed step over a close-on-exec pipe; EOF without a message
+means the exec happened. Everything B set up lives in namespaces only B
+holds, so when B dies before the exec the kernel tears all of it down: no
+mount, namespace or process of a failed start survives.
+
+Entering (enter): fork C, which joins the guest's namespaces through a pidfd
+of its PID 1 (so a recycled PID can never be joined), forks D inside the PID
+namespace, and waits for it; D joins the cgroup and cgroup namespace, takes
+the same ceiling, limits and filter as the guest, and execs the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import termios
+import tty
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hostagent import caps as capmod
+from hostagent import seccomp, syscalls, ulimit
+from hostagent.cgroup import Cgroup
+from hostagent.syscalls import (
+    CLONE_NEWCGROUP,
+    CLONE_NEWIPC,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUTS,
+    MNT_DETACH,
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+)
+from hostagent.ulimit import Limit
+
+__all__ = [
+    "GUEST_NAMESPACES",
+    "ContextSpec",
+    "LaunchError",
+    "enter",
+    "launch_init",
+]
+
+GUEST_NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP
+
+# The devices every guest gets (the seed's build made the same set with mknod).
+# Each is a bind mount of the host's node over an empty file on the guest's
+# /dev tmpfs, which is itself nodev: a node the guest might create there
+# (it cannot, without CAP_MKNOD) would not open.
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+
+# /proc parts that stay readable but not writable: sysctls, sysrq-trigger
+# (`echo b` reboots the host), and hardware interfaces (moby's ReadonlyPaths).
+PROC_READONLY = ("sys", "sysrq-trigger", "bus", "fs", "irq")
+# /proc and /sys parts hidden entirely: host memory (kcore), the host's
+# keyrings, kernel timer and scheduler internals that leak host activity and
+# addresses (moby's MaskedPaths; GHSA-6fw5-f8r9-fgfm for the thermal and
+# powercap ones).
+MASKED_FILES = (
+    "proc/kcore", "proc/keys", "proc/key-users", "proc/timer_list", "proc/timer_stats",
+    "proc/sched_debug", "proc/latency_stats", "proc/kallsyms", "proc/kmsg",
+    "proc/interrupts", "proc/sysrq-trigger",
+)
+MASKED_DIRS = ("proc/acpi", "proc/asound", "proc/scsi", "sys/firmware",
+               "sys/devices/virtual/powercap", "sys/kernel/debug", "sys/kernel/security")
+
+_INIT_CANDIDATES = (
+    "/usr/bin/catatonit", "/usr/libexec/podman/catatonit", "/usr/libexec/catatonit",
+)
+_STEP_PREFIX = b"FAIL "
+
+
+class LaunchError(RuntimeError):
+    """A step of starting or entering a context failed; `step` names it."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """Everything that defines a context, independent of how it was configured."""
+
+    root: Path | None  # guest root; None keeps the caller's filesystem (chcontext)
+    caps: frozenset[int] = capmod.DEFAULT_CEILING
+    hostname: str | None = None  # None: keep the host's
+    domainname: str | None = None  # None: keep; "": clear (S_DOMAINNAME="none")
+    nice: int | None = None
+    ulimits: tuple[Limit, ...] = ()
+    seccomp: seccomp.SeccompPolicy | None = field(default_factory=seccomp.SeccompPolicy)
+    namespaces: int = GUEST_NAMESPACES
+    cgroup: Cgroup | None = None
+    fakeinit: bool = False
+    hideinfo: bool = False
+    userns: bool = False  # unprivileged chcontext: map the caller's ids into a user namespace
+
+
+# --- the guest's PID 1 ------------------------------------------------------
+
+_init_fd: int | None = None
+
+
+def init_binary() -> str:
+    """The small static PID 1 run by guests without the fakeinit flag."""
+    override = os.environ.get("VPANEL_INIT")
+    if override:
+        return override
+    for cand in _INIT_CANDIDATES:
+        if os.access(cand, os.X_OK):
+            return cand
+    found = shutil.which("catatonit")
+    if found:
+        return found
+    raise LaunchError("init", "catatonit not found; apt-get install catatonit")
+
+
+def _sealed_init() -> int:
+    """A sealed in-memory copy of the init binary, made once per process.
+
+    Executing it from a memfd means the guest's /proc/1/exe names no host
+    file that guest root could reopen and rewrite (CVE-2019-5736, runc).
+    """
+    global _init_fd
+    if _init_fd is None:
+        fd = os.memfd_create("vpanel-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        with open(init_binary(), "rb") as src:
+            data = src.read()
+        os.write(fd, data)
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        _init_fd = fd
+    return _init_fd
+
+
+# --- steps run inside the new namespaces -------------------------------------
+
+def _bind_ro(path: str, flags: int = MS_NOSUID | MS_NODEV | MS_NOEXEC) -> None:
+    syscalls.mount(path, path, None, MS_BIND | MS_REC)
+    syscalls.mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
+
+
+def _setup_proc(root: str, hideinfo: bool) -> None:
+    proc = os.path.join(root, "proc")
+    os.makedirs(proc, exist_ok=True)
+    opts = "hidepid=invisible,subset=pid" if hideinfo else None
+    syscalls.mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+    for sub in PROC_READONLY:
+        p = os.path.join(proc, sub)
+        if os.path.exists(p):
+            _bind_ro(p)
+
+
+def _setup_sys(root: str) -> None:
+    sysdir = os.path.join(root, "sys")
+    os.makedirs(sysdir, exist_ok=True)
+    syscalls.mount("sysfs", sysdir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _setup_dev(root: str) -> None:
+    dev = os.path.join(root, "dev")
+    os.makedirs(dev, exist_ok=True)
+    syscalls.mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755,size=64k")
+    for node in DEV_NODES:
+        target = os.path.join(dev, node)
+        with open(target, "w"):
+            pass
+        syscalls.mount(f"/dev/{node}", target, None, MS_BIND)
+        syscalls.mount(None, target, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC)
+    # The console is the null device: a guest's boot messages have nowhere on
+    # the host to go, and the host's real console must never be reachable.
+    console = os.path.join(dev, "console")
+    with open(console, "w"):
+        pass
+    syscalls.mount("/dev/null", console, None, MS_BIND)
+    pts = os.path.join(dev, "pts")
+    os.mkdir(pts, 0o755)
+    # A private devpts instance: the guest sees its own terminals only.
+    syscalls.mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC,
+                   "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
+    shm = os.path.join(dev, "shm")
+    os.mkdir(shm, 0o1777)
+    syscalls.mount("tmpfs", shm, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=65536k")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(dev, name))
+
+
+def _mask(root: str) -> None:
+    for rel in MASKED_FILES:
+        p = os.path.join(root, rel)
+        if os.path.isfile(p):
+            syscalls.mount(os.path.join(root, "dev/null"), p, None, MS_BIND)
+    for rel in MASKED_DIRS:
+        p = os.path.join(root, rel)
+        if os.path.isdir(p):
+            syscalls.mount("tmpfs", p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                           "size=0,mode=0555")
+
+
+def _switch_root(root: str) -> None:
+    """pivot_root into ROOT and detach the old root entirely.
+
+    pivot_root(".", ".") stacks the old root under the new one; detaching it
+    leaves the guest with no path back to the host's tree, which a chroot
+    would keep (a chroot'ed guest also keeps a copy of every host mount:
+    reference/perf.md, density table).
+    """
+    os.chdir(root)
+    syscalls.pivot_root(".", ".")
+    syscalls.umount2(".", MNT_DETACH)
+    os.chdir("/")
+
+
+def _mount_guest_tree(root: str, hideinfo: bool) -> None:
+    # Nothing we mount may propagate back to the host.
+    syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # pivot_root needs the new root to be a mount point.
+    syscalls.mount(root, root, None, MS_BIND | MS_REC)
+    _setup_proc(root, hideinfo)
+    _setup_sys(root)
+    _setup_dev(root)
+    _mask(root)
+
+
+def _mount_own_proc(hideinfo: bool) -> None:
+    """chcontext without a root: the host's tree, but a /proc of the new PID namespace."""
+    syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    opts = "hidepid=invisible,subset=pid" if hideinfo else None
+    syscalls.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+
+
+# include/uapi/linux/sockios.h and if.h
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+def _loopback_up() -> None:
+    """Bring up lo in a fresh network namespace (where it starts down).
+
+    Two ioctls on a datagram socket: the guest's own addresses and routes are
+    the networking layer's job, but every guest needs a working 127.0.0.1.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sk:
+        req = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sk, _SIOCGIFFLAGS, req))[1]
+        fcntl.ioctl(sk, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+
+
+def _set_names(spec: ContextSpec) -> None:
+    if spec.hostname:
+        syscalls.sethostname(spec.hostname)
+    if spec.domainname is not None:
+        syscalls.setdomainname(spec.domainname)
+
+
+def _apply_limits(spec: ContextSpec) -> None:
+    if spec.nice is not None:
+        syscalls.setpriority(syscalls.PRIO_PROCESS, 0, spec.nice)
+        # RLIMIT_NICE = 20 - lowest nice allowed: the guest may go back down
+        # to S_NICE but never below it (it has no CAP_SYS_NICE or
+        # CAP_SYS_RESOURCE to get around the limit).
+        # Raising a hard limit needs CAP_SYS_RESOURCE, which some hosts deny
+        # even to root (reference/perf.md), so only ever lower it.
+        _soft, hard = syscalls.prlimit(0, resource.RLIMIT_NICE)
+        floor = 20 - spec.nice
+        if hard == resource.RLIM_INFINITY or hard > floor:
+            syscalls.prlimit(0, resource.RLIMIT_NICE, (floor, floor))
+    ulimit.apply(spec.ulimits)
+
+
+def _apply_ceiling(spec: ContextSpec) -> None:
+    """Lower the bounding set to the ceiling; the filter goes on while CAP_SYS_ADMIN remains.
+
+    The bounding set caps what any later exec can gain, setuid-root programs
+    included (that is what makes it a ceiling). Inheritable and ambient sets
+    are emptied so nothing slips around it through file capabilities.
+    """
+    last = capmod.last_cap()
+    for cap in range(last + 1):
+        if cap not in spec.caps and syscalls.capbset_read(cap):
+            syscalls.capbset_drop(cap)
+    syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
+    eff, perm, _inh = syscalls.capget()
+    syscalls.capset(eff, perm, 0)
+    if spec.seccomp is not None:
+        seccomp.load(spec.seccomp)
+
+
+def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "TERM": os.environ.get("TERM", "linux"),
+        "container": "vpanel",
+    }
+    if extra:
+        env.update(extra)
+    return env
+
+
+def _stdio_devnull() -> None:
+    fd = os.open("/dev/null", os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(fd, target)
+    if fd > 2:
+        os.close(fd)
+
+
+def _fail(pipe_w: int, step: str, exc: BaseException) -> None:
+    with contextlib.suppress(OSError):
+        os.write(pipe_w, _STEP_PREFIX + f"{step}: {exc}".encode(errors="replace")[:4000])
+    os._exit(127)
+
+
+def _write_uid_map(pid: int, uid: int, gid: int) -> None:
+    with open(f"/proc/{pid}/setgroups", "w") as f:
+        f.write("deny")
+    with open(f"/proc/{pid}/uid_map", "w") as f:
+        f.write(f"{uid} {uid} 1")
+    with open(f"/proc/{pid}/gid_map", "w") as f:
+        f.write(f"{gid} {gid} 1")
+
+
+def _init_child(spec: ContextSpec, argv: Sequence[str] | None, pipe_w: int,
+                keep_fds: Sequence[int], fail_at: str | None) -> None:
+    """B: PID 1 of the new namespace. Never returns."""
+    step = "mounts"
+    try:
+        def checkpoint(name: str) -> None:
+            nonlocal step
+            step = name
+            if fail_at == name:
+                raise OSError(0, f"injected failure at {name}")
+
+        checkpoint("mounts")
+        if spec.root is not None:
+            _mount_guest_tree(str(spec.root), spec.hideinfo)
+            checkpoint("pivot_root")
+            _switch_root(str(spec.root))
+        else:
+            _mount_own_proc(spec.hideinfo)
+        checkpoint("names")
+        _set_names(spec)
+        if spec.namespaces & syscalls.CLONE_NEWNET:
+            _loopback_up()
+        checkpoint("limits")
+        _apply_limits(spec)
+        checkpoint("fds")
+        # The small init runs a guest without fakeinit, and wraps chcontext's
+        # command when there is no guest root to find an init in.
+        use_small_init = (argv is None and not spec.fakeinit) or (
+            argv is not None and spec.root is None
+        )
+        init_fd = _sealed_init() if use_small_init else -1
+        if argv is None:
+            _stdio_devnull()
+        _close_all_but([pipe_w, *keep_fds, *([init_fd] if init_fd >= 0 else [])])
+        checkpoint("ceiling")
+        _apply_ceiling(spec)
+        checkpoint("exec")
+        if argv is None:
+            env = _clean_env()
+            if spec.fakeinit:
+                os.execve("/sbin/init", ["/sbin/init"], env)
+            os.execve(init_fd, ["init", "-P"], env)
+        elif init_fd >= 0:
+            # catatonit runs the command as its child, forwards signals, reaps
+            # orphans and exits with the command's status. chcontext keeps the
+            # caller's environment, as the seed's did.
+            os.execve(init_fd, ["init", "--", *argv], {**os.environ, "container": "vpanel"})
+        else:
+            os.execvpe(argv[0], list(argv), _clean_env())
+    except BaseException as e:  # report every failure to the parent
+        _fail(pipe_w, step, e)
+    os._exit(127)
+
+
+def _close_all_but(keep: Sequence[int]) -> None:
+    """Close every descriptor above 2 except KEEP (close_range between them)."""
+    lo = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        if fd > lo:
+            syscalls.close_range(lo, fd - 1)
+        lo = fd + 1
+    syscalls.close_range(lo)
+
+
+def launch_init(
+    spec: ContextSpec,
+    argv: Sequence[str] | None = None,
+    *,
+    fail_at: str | None = None,
+    keep_fds: Sequence[int] = (0, 1, 2),
+) -> int:
+    """Create the context and run its PID 1; return PID 1's host pid.
+
+    ARGV None: the guest's init (its own /sbin/init with fakeinit, else the
+    small static init in pause mode). ARGV given: run it under the small init
+    as a foreground command (chcontext); the caller waits for the pid.
+    Raises LaunchError naming the failed step; nothing is left behind then.
+    """
+    _prepare(spec)
+    if argv is None and not spec.fakeinit:
+        _sealed_init()  # fail here, with a clear message, if the init is missing
+    elif argv is not None and spec.root is None:
+        _sealed_init()
+    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
+    st_r, st_w = os.pipe2(os.O_CLOEXEC)
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+    a = os.fork()
+    if a == 0:
+        # A: the intermediate. It must not return into the caller's code.
+        try:
+            os.close(pid_r)
+            os.close(st_r)
+            os.close(sync_w)
+            if spec.cgroup is not None:
+                spec.cgroup.attach(0)
+            flags = spec.namespaces
+            if spec.userns:
+                flags |= syscalls.CLONE_NEWUSER
+            syscalls.unshare(flags)
+            if spec.userns:
+                # The map must be written from outside the new user namespace:
+                # the parent does it once we say we are ready.
+                os.write(pid_w, f"U{os.getpid()}\n".encode())
+                os.read(sync_r, 1)
+            b = os.fork()
+            if b == 0:
+                os.close(pid_w)
+                os.close(sync_r)
+                _init_child(spec, argv, st_w, keep_fds, fail_at)
+            os.write(pid_w, f"{b}\n".encode())
+            os._exit(0)
+        except BaseException as e:
+            _fail(st_w, "unshare", e)
+    os.close(pid_w)
+    os.close(st_w)
+    os.close(sync_r)
+    init_pid = 0
+    try:
+        with os.fdopen(pid_r, "rb", buffering=0) as f:
+            data = b""
+            while True:
+                chunk = f.read(64)
+                if not chunk:
+                    break
+                data += chunk
+                if data.startswith(b"U") and b"\n" in data:
+                    line, _, data = data.partition(b"\n")
+                    _write_uid_map(int(line[1:]), os.getuid(), os.getgid())
+                    os.write(sync_w, b"1")
+        if data.strip():
+            init_pid = int(data.strip())
+    finally:
+        os.close(sync_w)
+        _, status = os.waitpid(a, 0)
+    with os.fdopen(st_r, "rb") as f:
+        report = f.read()
+    if report.startswith(_STEP_PREFIX):
+        if init_pid:
+            _reap_failed(init_pid)
+        step, _, msg = report[len(_STEP_PREFIX):].decode(errors="replace").partition(": ")
+        raise LaunchError(step, msg)
+    if not init_pid:
+        raise LaunchError("fork", f"intermediate process exited with status {status:#x}")
+    return init_pid
+
+
+def _prepare(spec: ContextSpec) -> None:
+    """Load everything the child needs before it forks.
+
+    After pivot_root the child sees only the guest's files, so a lazy import
+    or a dlopen there would fail (or, worse, load the guest's library).
+    """
+    if spec.seccomp is not None:
+        seccomp.preload()
+    capmod.last_cap()
+
+
+def _reap_failed(pid: int) -> None:
+    """Collect a PID 1 that failed before exec, if it is our child (agent as subreaper)."""
+    with contextlib.suppress(ChildProcessError, ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+# --- entering a running context ---------------------------------------------
+
+@dataclass(frozen=True)
+class EnterRequest:
+    argv: Sequence[str]
+    user: str | None = None  # suexec: a user name or uid looked up in the guest's /etc/passwd
+    cwd: str = "/"
+    env: dict[str, str] | None = None
+    pty: bool = False  # allocate a terminal inside the guest and relay to ours
+    stdio: tuple[int, int, int] | None = None  # fds to become the command's 0, 1, 2
+
+
+def enter(
+    init_pidfd: int,
+    spec: ContextSpec,
+    req: EnterRequest,
+    *,
+    on_child: Callable[[int], None] | None = None,
+) -> int:
+    """Run REQ inside the context whose PID 1 INIT_PIDFD refers to; return its exit status.
+
+    The exit status follows the shell's convention (128 + signal number for
+    a command killed by a signal).
+    """
+    _prepare(spec)
+    procs_fd = os.open(spec.cgroup.procs_file(), os.O_WRONLY | os.O_CLOEXEC) if spec.cgroup else -1
+    st_r, st_w = os.pipe2(os.O_CLOEXEC)
+    c = os.fork()
+    if c == 0:
+        os.close(st_r)
+        code = _enter_child(init_pidfd, spec, req, procs_fd, st_w)
+        os._exit(code)
+    os.close(st_w)
+    if procs_fd >= 0:
+        os.close(procs_fd)
+    if on_child is not None:
+        on_child(c)
+    while True:
+        try:
+            _, status = os.waitpid(c, 0)
+            break
+        except InterruptedError:
+            continue
+    with os.fdopen(st_r, "rb") as f:
+        report = f.read()
+    if report.startswith(_STEP_PREFIX):
+        step, _, msg = report[len(_STEP_PREFIX):].decode(errors="replace").partition(": ")
+        raise LaunchError(step, msg)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
+                 procs_fd: int, st_w: int) -> int:
+    """C: joins the namespaces, forks D inside them, relays and waits. Returns D's status."""
+    step = "setns"
+    try:
+        syscalls.setns(init_pidfd, spec.namespaces & ~CLONE_NEWCGROUP)
+        master = slave = -1
+        if req.pty:
+            step = "pty"
+            master, slave = _guest_pty()
+        step = "fork"
+        d = os.fork()
+        if d == 0:
+            if master >= 0:
+                os.close(master)
+            _enter_grandchild(init_pidfd, spec, req, procs_fd, st_w, slave)
+        if slave >= 0:
+            os.close(slave)
+        os.close(st_w)
+        if req.stdio is not None:
+            # Only D may hold these, so that the reader sees EOF when D is done.
+            for fd in set(req.stdio):
+                if fd > 2:
+                    os.close(fd)
+        if master >= 0:
+            return _relay(master, d)
+        _, status = os.waitpid(d, 0)
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+        return os.waitstatus_to_exitcode(status)
+    except BaseException as e:
+        _fail(st_w, step, e)
+    return 127
+
+
+def _guest_pty() -> tuple[int, int]:
+    """A terminal pair from the guest's own devpts (we are in its mount namespace).
+
+    The guest never gets the caller's terminal: a process holding the host's
+    tty could push keystrokes into it after we return (TIOCSTI).
+    """
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, syscalls.TIOCSPTLCK, struct.pack("i", 0))
+    ptn = struct.unpack("I", fcntl.ioctl(master, syscalls.TIOCGPTN, b"\0" * 4))[0]
+    slave = os.open(f"/dev/pts/{ptn}", os.O_RDWR | os.O_NOCTTY)
+    if os.isatty(0):
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+    return master, slave
+
+
+def _relay(master: int, child: int) -> int:
+    """Copy between our stdin/stdout and the guest terminal until the child exits."""
+    old = None
+    if os.isatty(0):
+        old = termios.tcgetattr(0)
+        tty.setraw(0)
+
+    def winch(_sig: int, _frm: object) -> None:
+        with contextlib.suppress(OSError):
+            fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+
+    signal.signal(signal.SIGWINCH, winch)
+    fds = [master, 0]
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select(fds, [], [])
+            except InterruptedError:
+                continue
+            if master in ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                os.write(1, data)
+            if 0 in ready:
+                data = os.read(0, 65536)
+                if not data:
+                    fds.remove(0)
+                else:
+                    os.write(master, data)
+    finally:
+        if old is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, old)
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _lookup_user(user: str) -> tuple[int, int, str, str]:
+    """(uid, gid, home, shell) from the guest's /etc/passwd, read inside the guest."""
+    with open("/etc/passwd", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(":")
+            if len(parts) < 7:
+                continue
+            if parts[0] == user or (user.isdigit() and parts[2] == user):
+                return int(parts[2]), int(parts[3]), parts[5] or "/", parts[6] or "/bin/sh"
+    if user.isdigit():
+        return int(user), int(user), "/", "/bin/sh"
+    raise LookupError(f"no user {user!r} in the guest's /etc/passwd")
+
+
+def _supplementary_groups(user: str, gid: int) -> list[int]:
+    groups = {gid}
+    with contextlib.suppress(OSError), open("/etc/group", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(":")
+            if len(parts) >= 4 and user in parts[3].split(","):
+                with contextlib.suppress(ValueError):
+                    groups.add(int(parts[2]))
+    return sorted(groups)
+
+
+def _enter_grandchild(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
+                      procs_fd: int, st_w: int, slave: int) -> None:
+    """D: inside the PID namespace. Never returns."""
+    step = "cgroup"
+    try:
+        if procs_fd >= 0:
+            os.write(procs_fd, b"0")
+            os.close(procs_fd)
+        if spec.namespaces & CLONE_NEWCGROUP:
+            syscalls.setns(init_pidfd, CLONE_NEWCGROUP)
+        os.close(init_pidfd)
+        step = "limits"
+        _apply_limits(spec)
+        if req.stdio is not None:
+            for target, fd in enumerate(req.stdio):
+                os.dup2(fd, target)
+        if slave >= 0:
+            os.setsid()
+            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+            for target in (0, 1, 2):
+                os.dup2(slave, target)
+            if slave > 2:
+                os.close(slave)
+        step = "user"
+        env = _clean_env(req.env)
+        ident = None
+        if req.user is not None:
+            ident = _lookup_user(req.user)
+            groups = _supplementary_groups(req.user, ident[1])
+            env.update(HOME=ident[2], USER=req.user, LOGNAME=req.user, SHELL=ident[3])
+        step = "fds"
+        _close_all_but([st_w])
+        step = "ceiling"
+        _apply_ceiling(spec)
+        if ident is not None:
+            os.setgroups(groups)
+            os.setgid(ident[1])
+            os.setuid(ident[0])
+        step = "chdir"
+        cwd = ident[2] if ident is not None and req.cwd == "/" else req.cwd
+        try:
+            os.chdir(cwd)
+        except OSError:
+            os.chdir("/")
+        step = "exec"
+        os.execvpe(req.argv[0], list(req.argv), env)
+    except BaseException as e:
+        _fail(st_w, step, e)
+    os._exit(127)
+
+
+def stdio_is_tty() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+__all__ += ["EnterRequest", "init_binary", "stdio_is_tty"]

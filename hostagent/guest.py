@@ -1,0 +1,661 @@
+"""A guest's life: build, start, stop, enter, status, delete.
+
+This is the library behind the `vserver` command (and, later, the agent
+daemon): every function takes the Paths it works in, holds the guest's lock
+for its whole duration, and leaves the host as it found it when it fails.
+
+Runtime state of a running guest is one file, RUNDIR/NAME.ctx, in the seed's
+own spirit (it saved S_CONTEXT there): the context id, the host pid of the
+guest's PID 1 and that process's start time (so a recycled pid is never
+mistaken for the guest), and the cgroup. Nothing else is needed to find,
+enter or stop a guest, so any process (the CLI now, the agent later, or an
+agent restarted after a crash) can pick a running guest up again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostagent import build as buildmod
+from hostagent import caps as capmod
+from hostagent import conf as confmod
+from hostagent import context, seccomp, syscalls
+from hostagent.cgroup import Cgroup, cgroup_of, tracking_hierarchy
+from hostagent.names import check_name
+from hostagent.paths import Paths
+
+__all__ = [
+    "DYNAMIC_CONTEXTS",
+    "GuestError",
+    "Output",
+    "RunState",
+    "build",
+    "delete",
+    "exec_in",
+    "running",
+    "service",
+    "start",
+    "status",
+    "stop",
+]
+
+# The seed's static contexts are 2..49151 (S_CONTEXT); dynamic ones come after.
+DYNAMIC_CONTEXTS = range(49152, 65536)
+_SVC_RE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@+-")
+
+
+Output = Callable[[bytes], None] | None
+
+
+class GuestError(RuntimeError):
+    """An operation on a guest failed; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    name: str
+    context: int
+    init_pid: int
+    init_start: int  # field 22 of /proc/PID/stat: start time in clock ticks
+    started: float  # time.time() at start
+    cgroup: str  # relative path in the tracking hierarchy
+    namespaces: int
+
+    def dump(self) -> str:
+        return (
+            f"S_CONTEXT={self.context}\nINIT_PID={self.init_pid}\nINIT_START={self.init_start}\n"
+            f"STARTED={self.started:.3f}\nCGROUP={self.cgroup}\nNAMESPACES={self.namespaces}\n"
+        )
+
+    @classmethod
+    def parse(cls, name: str, text: str) -> RunState:
+        kv = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+        return cls(
+            name=name,
+            context=int(kv["S_CONTEXT"]),
+            init_pid=int(kv["INIT_PID"]),
+            init_start=int(kv["INIT_START"]),
+            started=float(kv["STARTED"]),
+            cgroup=kv["CGROUP"],
+            namespaces=int(kv.get("NAMESPACES", context.GUEST_NAMESPACES)),
+        )
+
+
+# --- helpers ----------------------------------------------------------------
+
+def cgroup_base() -> str:
+    """Parent of every guest cgroup; tests set VSERVER_CGROUP to keep theirs apart."""
+    base = os.environ.get("VSERVER_CGROUP", "vpanel")
+    if not base or base.startswith("/") or ".." in base.split("/"):
+        raise GuestError(f"bad VSERVER_CGROUP {base!r}")
+    return base
+
+
+def _proc_start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[19])
+
+
+@contextlib.contextmanager
+def _locked(paths: Paths, name: str) -> Iterator[None]:
+    """One operation per guest at a time, across processes."""
+    paths.ensure()
+    fd = os.open(paths.lock(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _load_settings(paths: Paths, name: str) -> confmod.GuestSettings:
+    path = paths.conf(name)
+    if not path.exists():
+        raise GuestError(f"{name}: no such vserver ({path} does not exist)")
+    try:
+        return confmod.settings_from_file(path)
+    except (confmod.ConfigError, OSError) as e:
+        raise GuestError(str(e)) from e
+
+
+def read_state(paths: Paths, name: str) -> RunState | None:
+    try:
+        text = paths.state(name).read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return RunState.parse(name, text)
+    except (KeyError, ValueError):
+        return None
+
+
+def _alive(st: RunState) -> bool:
+    """Is ST's PID 1 still the very process we started, in its cgroup?"""
+    if _proc_start_time(st.init_pid) != st.init_start:
+        return False
+    return cgroup_of(st.init_pid, tracking_hierarchy()) == st.cgroup
+
+
+def running(paths: Paths, name: str) -> bool:
+    check_name(name)
+    st = read_state(paths, name)
+    return st is not None and _alive(st)
+
+
+def _used_contexts(paths: Paths) -> set[int]:
+    used = set()
+    for other in paths.guest_names():
+        st = read_state(paths, other)
+        if st is not None and _alive(st):
+            used.add(st.context)
+    return used
+
+
+def _allocate_context(paths: Paths, wanted: int | None) -> int:
+    used = _used_contexts(paths)
+    if wanted is not None:
+        if wanted in used:
+            raise GuestError(f"context {wanted} is already used by a running vserver")
+        return wanted
+    for ctx in DYNAMIC_CONTEXTS:
+        if ctx not in used:
+            return ctx
+    raise GuestError("no free context id left")
+
+
+def spec_for(paths: Paths, name: str, s: confmod.GuestSettings,
+             cgroup: Cgroup | None) -> context.ContextSpec:
+    pol = seccomp.SeccompPolicy()
+    if "lock" in s.flags:
+        pol = pol.with_lock()
+    return context.ContextSpec(
+        root=paths.root(name),
+        caps=s.caps,
+        hostname=s.hostname or name,
+        domainname=s.domainname,
+        nice=s.nice,
+        ulimits=tuple(s.ulimits),
+        seccomp=pol,
+        cgroup=cgroup,
+        fakeinit="fakeinit" in s.flags,
+        hideinfo="hideinfo" in s.flags,
+        # Until its addresses are configured a guest has a network of its own
+        # with only lo; IPROOT="ALL" (or 0.0.0.0) is the seed's unrestricted
+        # guest, which shares the host's network.
+        namespaces=context.GUEST_NAMESPACES
+        | (0 if s.iproot_unrestricted else syscalls.CLONE_NEWNET),
+    )
+
+
+def _run_hook(paths: Paths, name: str, point: str) -> None:
+    """The seed's NAME.sh, run on the host with pre-start|post-start|pre-stop|post-stop NAME."""
+    hook = paths.hooks(name)
+    if not hook.exists():
+        return
+    if not os.access(hook, os.X_OK):
+        raise GuestError(f"{hook} exists but is not executable")
+    res = subprocess.run([str(hook), point, name], capture_output=True, text=True, check=False,
+                         timeout=300)
+    if res.returncode != 0:
+        raise GuestError(f"{hook} {point} failed ({res.returncode}): {res.stderr.strip()}")
+
+
+# --- build and delete ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class BuildOptions:
+    method: str
+    source: str | None = None
+    hostname: str | None = None
+    ips: Sequence[str] = ()
+    caps: Sequence[str] = ()
+    flags: Sequence[str] = ()
+    nice: int | None = None
+    ulimit: str | None = None
+    onboot: bool = False
+    context: int | None = None
+    allow_unsafe_caps: bool = False
+    description: str | None = None
+
+
+def build(paths: Paths, name: str, opts: BuildOptions,
+          log: Callable[[str], None] = lambda _m: None) -> None:
+    """vserver NAME build: validate everything, build the root, then write NAME.conf."""
+    check_name(name)
+    if opts.method not in buildmod.METHODS:
+        raise GuestError(f"unknown build method {opts.method!r}; use one of "
+                         + ", ".join(buildmod.METHODS))
+    with _locked(paths, name):
+        conf_path, root = paths.conf(name), paths.root(name)
+        if conf_path.exists() or root.exists() or os.path.lexists(root):
+            raise GuestError(f"{name}: already exists ({conf_path} or {root})")
+        try:
+            text = confmod.render_new(
+                description=opts.description or "",
+                hostname=opts.hostname or name,
+                iproot=tuple(opts.ips),
+                onboot=opts.onboot,
+                context=opts.context,
+                nice=opts.nice,
+                caps=tuple(opts.caps),
+                caps_unsafe=opts.allow_unsafe_caps,
+                # The seed's template had "lock nproc"; nproc is the limits
+                # issue's, so a new guest gets the part that works today.
+                flags=tuple(opts.flags) if opts.flags else ("lock",),
+                ulimit=opts.ulimit or "",
+                build_method=opts.method + (f" {opts.source}" if opts.source else ""),
+            )
+            confmod.settings(confmod.GuestConf.parse(text, str(conf_path)))
+        except (confmod.ConfigError, capmod.CapabilityError, ValueError) as e:
+            raise GuestError(str(e)) from e
+        try:
+            buildmod.build_root(root, opts.method, opts.source, log=log)
+        except buildmod.BuildError as e:
+            raise GuestError(f"{name}: build failed: {e}") from e
+        try:
+            conf_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = conf_path.with_name(f".{conf_path.name}.new")
+            tmp.write_text(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, conf_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            buildmod.delete_root(root)
+            raise
+
+
+def delete(paths: Paths, name: str) -> None:
+    """vserver NAME delete: remove the root tree, NAME.conf and runtime state."""
+    check_name(name)
+    with _locked(paths, name):
+        if running(paths, name):
+            raise GuestError(f"{name} is running; stop it first")
+        conf_path, root = paths.conf(name), paths.root(name)
+        if not conf_path.exists() and not root.exists():
+            raise GuestError(f"{name}: no such vserver")
+        if root.exists():
+            try:
+                buildmod.delete_root(root)
+            except buildmod.BuildError as e:
+                raise GuestError(str(e)) from e
+        for p in (conf_path, paths.state(name)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    with contextlib.suppress(FileNotFoundError):
+        paths.lock(name).unlink()
+
+
+# --- start --------------------------------------------------------------------
+
+# The seed's runlevel start: the first of these that the guest has.
+_RC_CANDIDATES = (
+    ("/etc/init.d/rc", "{level}"),
+    ("/etc/rc.d/rc", "{level}"),
+    ("/etc/rc.d/rc.M", None),
+    ("/sbin/rc", "default"),
+)
+_RC_FALLBACK = (
+    'for s in /etc/rc{level}.d/{kind}*; do [ -x "$s" ] && "$s" {action}; done; exit 0'
+)
+
+
+def _rc_argv(root: Path, level: int) -> list[str] | None:
+    """The command that brings the guest to runlevel LEVEL, judged from outside.
+
+    Only the existence of paths is read here (lexists, which follows nothing);
+    the command itself runs inside the guest.
+    """
+    for path, arg in _RC_CANDIDATES:
+        if os.path.lexists(root / path.lstrip("/")):
+            if arg is None:
+                return [path] if level else ["/etc/rc.d/rc.0"]
+            return [path, arg.format(level=level) if arg != "default" else
+                    ("default" if level else "shutdown")]
+    if os.path.lexists(root / f"etc/rc{level}.d") and os.path.lexists(root / "bin/sh"):
+        kind, action = ("S", "start") if level not in (0, 6) else ("K", "stop")
+        return ["/bin/sh", "-c", _RC_FALLBACK.format(level=level, kind=kind, action=action)]
+    return None
+
+
+def start(paths: Paths, name: str, *, fail_at: str | None = None,
+          output: Callable[[bytes], None] | None = None) -> RunState:
+    """vserver NAME start. Every step unwinds if a later one fails."""
+    check_name(name)
+    with _locked(paths, name):
+        if running(paths, name):
+            raise GuestError(f"{name} is already running")
+        s = _load_settings(paths, name)
+        root = paths.root(name)
+        if not root.is_dir():
+            raise GuestError(f"{name}: root {root} does not exist; build it first")
+        ctx = _allocate_context(paths, s.context)
+        with contextlib.ExitStack() as undo:
+            cg = Cgroup(f"{cgroup_base()}/{name}")
+            if cg.exists():
+                cg.kill()
+                cg.wait_empty(5)
+                cg.remove()
+            cg.create()
+            undo.callback(_destroy_cgroup, cg)
+            _run_hook(paths, name, "pre-start")
+            spec = spec_for(paths, name, s, cg)
+            try:
+                init_pid = context.launch_init(spec, fail_at=fail_at)
+            except context.LaunchError as e:
+                raise GuestError(f"{name}: start failed at {e}") from e
+            st = RunState(name, ctx, init_pid, _proc_start_time(init_pid) or 0, time.time(),
+                          cg.relpath, spec.namespaces)
+            tmp = paths.state(name).with_suffix(".new")
+            tmp.write_text(st.dump())
+            os.replace(tmp, paths.state(name))
+            undo.callback(_unlink, paths.state(name))
+            if fail_at == "runlevel":
+                raise GuestError(f"{name}: start failed at runlevel: injected failure")
+            if not spec.fakeinit:
+                argv = _rc_argv(root, 3)
+                if argv is not None:
+                    code = _enter(st, spec, context.EnterRequest(argv=argv), output=output)
+                    if code != 0:
+                        # The seed let a failing service script pass too: the
+                        # guest is up, one of its services is not.
+                        _say(output, f"{name}: runlevel start exited with {code}\n")
+            _run_hook(paths, name, "post-start")
+            undo.pop_all()
+            return st
+
+
+def _say(output: Callable[[bytes], None] | None, text: str) -> None:
+    if output is not None:
+        output(text.encode())
+
+
+def _unlink(p: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()
+
+
+def _destroy_cgroup(cg: Cgroup) -> None:
+    cg.kill()
+    if not cg.wait_empty(10):
+        raise GuestError(f"processes of {cg.relpath} did not exit after SIGKILL")
+    cg.remove()
+
+
+# --- enter, exec ---------------------------------------------------------------
+
+def _enter(st: RunState, spec: context.ContextSpec, req: context.EnterRequest,
+           output: Callable[[bytes], None] | None = None) -> int:
+    """Run REQ in the guest; with OUTPUT, its stdout+stderr go there, stdin is empty."""
+    pidfd = syscalls.pidfd_open(st.init_pid)
+    try:
+        if _proc_start_time(st.init_pid) != st.init_start:
+            raise GuestError(f"{st.name} is not running")
+        if output is None:
+            return context.enter(pidfd, spec, req)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        open_fds = [r, w, null]
+
+        def pump(pid: int) -> None:
+            # Only the child may hold the write end, or the reader never sees EOF.
+            for fd in (w, null):
+                os.close(fd)
+                open_fds.remove(fd)
+            _pump(r, pid, output)
+
+        try:
+            req = dataclasses.replace(req, stdio=(null, w, w))
+            return context.enter(pidfd, spec, req, on_child=pump)
+        finally:
+            for fd in open_fds:
+                os.close(fd)
+    finally:
+        os.close(pidfd)
+
+
+def _pump(r: int, pid: int, output: Callable[[bytes], None]) -> None:
+    """Copy R to OUTPUT until PID exits (daemons may keep the pipe open after)."""
+    cfd = syscalls.pidfd_open(pid)
+    try:
+        while True:
+            ready, _, _ = select.select([r, cfd], [], [])
+            if r in ready:
+                data = os.read(r, 65536)
+                if data:
+                    output(data)
+                    continue
+                break
+            if cfd in ready:
+                # Drain what is already there without waiting for a writer
+                # that may never close its end.
+                os.set_blocking(r, False)
+                with contextlib.suppress(BlockingIOError):
+                    while data := os.read(r, 65536):
+                        output(data)
+                break
+    finally:
+        os.close(cfd)
+
+
+def _running_state(paths: Paths, name: str) -> tuple[RunState, confmod.GuestSettings]:
+    check_name(name)
+    s = _load_settings(paths, name)
+    st = read_state(paths, name)
+    if st is None or not _alive(st):
+        raise GuestError(f"{name} is not running")
+    return st, s
+
+
+def _refuse_private(name: str, s: confmod.GuestSettings, what: str) -> None:
+    if "private" in s.flags:
+        raise GuestError(f"{name} has the 'private' flag: the host may not {what} it")
+
+
+def exec_in(paths: Paths, name: str, argv: Sequence[str], *, user: str | None = None,
+            tty: bool = False, output: Callable[[bytes], None] | None = None) -> int:
+    """vserver NAME exec / suexec / enter: run ARGV inside, return its exit status."""
+    if not argv:
+        raise GuestError("no command given")
+    st, s = _running_state(paths, name)
+    _refuse_private(name, s, "enter or exec in")
+    spec = spec_for(paths, name, s, Cgroup(st.cgroup))
+    spec = dataclasses.replace(spec, namespaces=st.namespaces)
+    req = context.EnterRequest(argv=list(argv), user=user, pty=tty)
+    try:
+        return _enter(st, spec, req, output=output)
+    except context.LaunchError as e:
+        raise GuestError(f"{name}: {e}") from e
+
+
+def enter_shell(paths: Paths, name: str) -> int:
+    """vserver NAME enter: a login shell inside, on a terminal of the guest's own."""
+    root = paths.root(name)
+    shell = "/bin/bash" if os.path.lexists(root / "bin/bash") else "/bin/sh"
+    return exec_in(paths, name, [shell, "-l"], tty=os.isatty(0))
+
+
+def service(paths: Paths, name: str, svc: str, action: str,
+            output: Callable[[bytes], None] | None = None) -> int:
+    """vserver NAME service SVC ACTION: the guest's own init script."""
+    if not svc or not set(svc) <= _SVC_RE_CHARS or svc.startswith("."):
+        raise GuestError(f"invalid service name {svc!r}")
+    if not action or not set(action) <= _SVC_RE_CHARS or action.startswith("-"):
+        raise GuestError(f"invalid service action {action!r}")
+    return exec_in(paths, name, [f"/etc/init.d/{svc}", action], output=output)
+
+
+# --- stop -------------------------------------------------------------------
+
+def _signal_all_but_init(st: RunState, sig: int) -> int:
+    """Signal every process of the guest except its PID 1; return how many."""
+    n = 0
+    for pid in Cgroup(st.cgroup).procs():
+        if pid == st.init_pid:
+            continue
+        try:
+            fd = syscalls.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            # The pidfd pins the process: if it is still in the guest's cgroup
+            # now, the signal cannot reach a recycled pid.
+            if cgroup_of(pid, tracking_hierarchy()) == st.cgroup:
+                syscalls.pidfd_send_signal(fd, sig)
+                n += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return n
+
+
+def _wait_only_init(st: RunState, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        procs = [p for p in Cgroup(st.cgroup).procs() if p != st.init_pid]
+        if not procs or not _alive(st):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+
+
+def stop(paths: Paths, name: str, *, timeout: float | None = None,
+         output: Callable[[bytes], None] | None = None) -> bool:
+    """vserver NAME stop. Return False if it was not running.
+
+    As in the seed: the guest's own shutdown (runlevel 0, or its init told to
+    power off), then TERM to what is left, then KILL after the grace period,
+    until nothing of the guest remains.
+    """
+    check_name(name)
+    with _locked(paths, name):
+        st = read_state(paths, name)
+        if st is None or not _alive(st):
+            _cleanup_stale(paths, name, st)
+            return False
+        s = _load_settings(paths, name)
+        grace = float(s.stop_timeout if timeout is None else timeout)
+        _run_hook(paths, name, "pre-stop")
+        spec = spec_for(paths, name, s, Cgroup(st.cgroup))
+        spec = dataclasses.replace(spec, namespaces=st.namespaces)
+        try:
+            if grace > 0:
+                _shutdown(paths, name, st, spec, grace, output)
+                if not _wait_only_init(st, grace):
+                    _signal_all_but_init(st, signal.SIGTERM)
+                    _wait_only_init(st, grace)
+        finally:
+            _kill_guest(st)
+            _unlink(paths.state(name))
+        _run_hook(paths, name, "post-stop")
+        return True
+
+
+def _shutdown(paths: Paths, name: str, st: RunState, spec: context.ContextSpec,
+              grace: float, output: Callable[[bytes], None] | None) -> None:
+    root = paths.root(name)
+    if spec.fakeinit:
+        for cmd in ("/sbin/poweroff", "/sbin/halt"):
+            if os.path.lexists(root / cmd.lstrip("/")):
+                with contextlib.suppress(context.LaunchError, GuestError):
+                    _enter(st, spec, context.EnterRequest(argv=[cmd]), output=output or _drop)
+                return
+        with contextlib.suppress(OSError):
+            fd = syscalls.pidfd_open(st.init_pid)
+            try:
+                syscalls.pidfd_send_signal(fd, signal.SIGTERM)
+            finally:
+                os.close(fd)
+        return
+    argv = _rc_argv(root, 0)
+    if argv is not None:
+        with contextlib.suppress(context.LaunchError, GuestError):
+            _enter(st, spec, context.EnterRequest(argv=argv), output=output or _drop)
+
+
+def _drop(_data: bytes) -> None:
+    return None
+
+
+def _kill_guest(st: RunState) -> None:
+    """KILL PID 1 (the kernel then kills its whole PID namespace) and the cgroup."""
+    with contextlib.suppress(OSError):
+        fd = syscalls.pidfd_open(st.init_pid)
+        try:
+            if _proc_start_time(st.init_pid) == st.init_start:
+                syscalls.pidfd_send_signal(fd, signal.SIGKILL)
+        finally:
+            os.close(fd)
+    _destroy_cgroup(Cgroup(st.cgroup))
+
+
+def _cleanup_stale(paths: Paths, name: str, st: RunState | None) -> None:
+    """A guest that died on its own leaves a state file and maybe an empty cgroup."""
+    cg = Cgroup(st.cgroup) if st else Cgroup(f"{cgroup_base()}/{name}")
+    if cg.exists():
+        _destroy_cgroup(cg)
+    _unlink(paths.state(name))
+
+
+# --- status -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Status:
+    name: str
+    running: bool
+    context: int | None = None
+    processes: int = 0
+    uptime: float = 0.0
+    init_pid: int | None = None
+
+    def text(self) -> str:
+        if not self.running:
+            return f"Vserver '{self.name}' is stopped"
+        return (
+            f"Vserver '{self.name}' is running\n"
+            f"Context: {self.context}\n"
+            f"Number of processes: {self.processes}\n"
+            f"Uptime: {format_uptime(self.uptime)}"
+        )
+
+
+def format_uptime(seconds: float) -> str:
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    out = f"{hours:02d}:{minutes:02d}:{s:02d}"
+    return f"{days}d {out}" if days else out
+
+
+def status(paths: Paths, name: str) -> Status:
+    check_name(name)
+    _load_settings(paths, name)
+    st = read_state(paths, name)
+    if st is None or not _alive(st):
+        return Status(name, False)
+    return Status(name, True, st.context, len(Cgroup(st.cgroup).procs()),
+                  time.time() - st.started, st.init_pid)
+
+
+def which(program: str) -> str | None:
+    return shutil.which(program)

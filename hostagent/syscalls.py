@@ -1,0 +1,341 @@
+"""The kernel calls vpanel needs, through cffi in ABI mode.
+
+One module holds every privileged primitive and its constants, so that the
+surface the agent uses is small, named and reviewable (oslo.privsep keeps its
+capability table the same way). Each wrapper raises OSError with the errno the
+kernel gave; none of them returns a -1 to be checked by the caller.
+
+ABI mode (dlopen of the C library already in the process) needs no compiler
+at install time and costs nothing per call beyond the FFI hop, so the resident
+agent can start guests without a helper binary.
+
+Where the constants come from (Linux UAPI headers unless noted):
+  CLONE_*             include/uapi/linux/sched.h
+  MS_*, MNT_*         include/uapi/linux/mount.h
+  PR_*                include/uapi/linux/prctl.h
+  CAP version/structs include/uapi/linux/capability.h
+  SECBIT_*            include/uapi/linux/securebits.h
+  PRIO_*              include/uapi/linux/resource.h (and glibc <sys/resource.h>)
+  SYS_* numbers       arch/x86/entry/syscalls/syscall_64.tbl,
+                      include/uapi/asm-generic/unistd.h (arm64 and the unified
+                      numbers >= 424 that every architecture shares)
+  AUDIT_ARCH_*        include/uapi/linux/audit.h
+  SCMP_*              libseccomp's <seccomp.h> (v2.5)
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import platform
+from typing import Any
+
+from cffi import FFI
+
+__all__ = [
+    "CLONE_NEWCGROUP",
+    "CLONE_NEWIPC",
+    "CLONE_NEWNET",
+    "CLONE_NEWNS",
+    "CLONE_NEWPID",
+    "CLONE_NEWTIME",
+    "CLONE_NEWUSER",
+    "CLONE_NEWUTS",
+    "capget",
+    "capset",
+    "close_range",
+    "ioctl_int",
+    "mount",
+    "pidfd_open",
+    "pidfd_send_signal",
+    "pivot_root",
+    "prctl",
+    "prlimit",
+    "setdomainname",
+    "sethostname",
+    "setns",
+    "setpriority",
+    "umount2",
+    "unshare",
+]
+
+# --- include/uapi/linux/sched.h -------------------------------------------
+CLONE_NEWTIME = 0x00000080
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_PIDFD = 0x00001000
+CLONE_INTO_CGROUP = 0x200000000
+ALL_NAMESPACES = (
+    CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+    | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWTIME
+)
+
+# --- include/uapi/linux/mount.h -------------------------------------------
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MNT_FORCE = 1
+MNT_DETACH = 2
+MNT_EXPIRE = 4
+UMOUNT_NOFOLLOW = 8
+
+# --- include/uapi/linux/prctl.h -------------------------------------------
+PR_SET_PDEATHSIG = 1
+PR_SET_KEEPCAPS = 8
+PR_SET_NAME = 15
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_GET_SECUREBITS = 27
+PR_SET_SECUREBITS = 28
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+# --- include/uapi/asm-generic/ioctls.h (x86, arm64, riscv; not ppc/mips) ----
+TIOCGPTN = 0x80045430  # _IOR('T', 0x30, unsigned int): number of a pty's slave
+TIOCSPTLCK = 0x40045431  # _IOW('T', 0x31, int): (un)lock a pty's slave
+
+# --- include/uapi/linux/securebits.h --------------------------------------
+SECBIT_NOROOT = 1 << 0
+SECBIT_NOROOT_LOCKED = 1 << 1
+SECBIT_NO_SETUID_FIXUP = 1 << 2
+SECBIT_KEEP_CAPS = 1 << 4
+
+# --- include/uapi/linux/capability.h --------------------------------------
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+# --- <sys/resource.h> ------------------------------------------------------
+PRIO_PROCESS = 0
+PRIO_PGRP = 1
+PRIO_USER = 2
+
+# --- syscall numbers without a glibc 2.36 wrapper -------------------------
+# pidfd_*, clone3, close_range and mount_setattr share one number on every
+# architecture (the unified table starting at 424); pivot_root does not.
+_SYS_COMMON = {
+    "pidfd_send_signal": 424,
+    "pidfd_open": 434,
+    "close_range": 436,
+    "mount_setattr": 442,
+}
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+
+_ffi = FFI()
+_ffi.cdef(
+    """
+    typedef int pid_t;
+    typedef unsigned int id_t;
+    struct rlimit { unsigned long rlim_cur; unsigned long rlim_max; };
+    struct __user_cap_header_struct { uint32_t version; int pid; };
+    struct __user_cap_data_struct { uint32_t effective; uint32_t permitted; uint32_t inheritable; };
+
+    int unshare(int flags);
+    int setns(int fd, int nstype);
+    int mount(const char *source, const char *target, const char *filesystemtype,
+              unsigned long mountflags, const void *data);
+    int umount2(const char *target, int flags);
+    int prctl(int option, unsigned long arg2, unsigned long arg3,
+              unsigned long arg4, unsigned long arg5);
+    int capget(struct __user_cap_header_struct *hdrp, struct __user_cap_data_struct *datap);
+    int capset(struct __user_cap_header_struct *hdrp, const struct __user_cap_data_struct *datap);
+    int sethostname(const char *name, size_t len);
+    int setdomainname(const char *name, size_t len);
+    int setpriority(int which, id_t who, int prio);
+    int prlimit(pid_t pid, int resource, const struct rlimit *new_limit, struct rlimit *old_limit);
+    int ioctl(int fd, unsigned long request, ...);
+    long syscall(long number, ...);
+    """
+)
+_libc: Any = _ffi.dlopen(None)
+_ARCH = platform.machine()
+
+
+def _check(ret: int, what: str, path: str | None = None) -> int:
+    if ret < 0:
+        err = _ffi.errno
+        if path is None:
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}", path)
+    return ret
+
+
+def _syscall_number(name: str) -> int:
+    if name in _SYS_COMMON:
+        return _SYS_COMMON[name]
+    if name == "pivot_root":
+        try:
+            return _SYS_PIVOT_ROOT[_ARCH]
+        except KeyError:
+            raise OSError(_errno.ENOSYS, f"pivot_root: unknown syscall number on {_ARCH}") from None
+    raise OSError(_errno.ENOSYS, f"{name}: no syscall number known")
+
+
+def _str(value: str | bytes | os.PathLike[str] | None) -> Any:
+    if value is None:
+        return _ffi.NULL
+    raw = os.fsencode(value)
+    if b"\0" in raw:
+        raise ValueError("embedded NUL byte")
+    return _ffi.new("char[]", raw)
+
+
+# --- namespaces ------------------------------------------------------------
+
+def unshare(flags: int) -> None:
+    """unshare(2): move the calling process into new namespaces (CLONE_NEW*)."""
+    _check(_libc.unshare(flags), "unshare")
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """setns(2): join the namespace(s) of FD (a /proc/PID/ns/* fd or a pidfd)."""
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+# --- mounts ----------------------------------------------------------------
+
+def mount(
+    source: str | None,
+    target: str | os.PathLike[str],
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    """mount(2)."""
+    _check(
+        _libc.mount(_str(source), _str(target), _str(fstype), flags, _str(data)),
+        f"mount {fstype or 'bind'} on {os.fspath(target)}",
+        os.fspath(target),
+    )
+
+
+def umount2(target: str | os.PathLike[str], flags: int = 0) -> None:
+    """umount2(2)."""
+    _check(_libc.umount2(_str(target), flags), "umount2", os.fspath(target))
+
+
+def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]) -> None:
+    """pivot_root(2); glibc has no wrapper, so it goes through syscall(2)."""
+    nr = _ffi.cast("long", _syscall_number("pivot_root"))
+    _check(
+        _libc.syscall(nr, _ffi.cast("char *", _str(new_root)), _ffi.cast("char *", _str(put_old))),
+        "pivot_root",
+        os.fspath(new_root),
+    )
+
+
+# --- process attributes -----------------------------------------------------
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2); returns the call's non-negative result."""
+    return int(_check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})"))
+
+
+def capget(pid: int = 0) -> tuple[int, int, int]:
+    """capget(2): (effective, permitted, inheritable) as 64-bit masks."""
+    hdr = _ffi.new("struct __user_cap_header_struct *", [_LINUX_CAPABILITY_VERSION_3, pid])
+    data = _ffi.new("struct __user_cap_data_struct[2]")
+    _check(_libc.capget(hdr, data), "capget")
+    return (
+        data[0].effective | (data[1].effective << 32),
+        data[0].permitted | (data[1].permitted << 32),
+        data[0].inheritable | (data[1].inheritable << 32),
+    )
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """capset(2) on the calling thread."""
+    hdr = _ffi.new("struct __user_cap_header_struct *", [_LINUX_CAPABILITY_VERSION_3, 0])
+    data = _ffi.new("struct __user_cap_data_struct[2]")
+    mask = 0xFFFFFFFF
+    for i, shift in enumerate((0, 32)):
+        data[i].effective = (effective >> shift) & mask
+        data[i].permitted = (permitted >> shift) & mask
+        data[i].inheritable = (inheritable >> shift) & mask
+    _check(_libc.capset(hdr, data), "capset")
+
+
+def sethostname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+
+def setdomainname(name: str) -> None:
+    raw = name.encode()
+    _check(_libc.setdomainname(raw, len(raw)), "setdomainname")
+
+
+def setpriority(which: int, who: int, prio: int) -> None:
+    """setpriority(2); `prio` is a nice value (-20..19)."""
+    _check(_libc.setpriority(which, who, prio), "setpriority")
+
+
+def prlimit(pid: int, resource: int, limits: tuple[int, int] | None = None) -> tuple[int, int]:
+    """prlimit(2): set (soft, hard) when given; always return the old pair."""
+    old = _ffi.new("struct rlimit *")
+    new = _ffi.NULL
+    if limits is not None:
+        new = _ffi.new("struct rlimit *", list(limits))
+    _check(_libc.prlimit(pid, resource, new, old), "prlimit")
+    return int(old.rlim_cur), int(old.rlim_max)
+
+
+def ioctl_int(fd: int, request: int, arg: int = 0) -> int:
+    """ioctl(2) with an integer argument (e.g. TIOCSCTTY, FS_IOC_* take pointers: use fcntl)."""
+    return int(_check(_libc.ioctl(fd, _ffi.cast("unsigned long", request),
+                                  _ffi.cast("long", arg)), f"ioctl({request:#x})"))
+
+
+# --- pidfds ---------------------------------------------------------------
+
+def pidfd_open(pid: int, flags: int = 0) -> int:
+    """pidfd_open(2): a file descriptor that refers to PID and never to a reused one."""
+    nr = _ffi.cast("long", _syscall_number("pidfd_open"))
+    return int(_check(_libc.syscall(nr, _ffi.cast("int", pid), _ffi.cast("unsigned int", flags)),
+                      "pidfd_open"))
+
+
+def pidfd_send_signal(pidfd: int, sig: int, flags: int = 0) -> None:
+    """pidfd_send_signal(2): signal the process a pidfd refers to (no PID-reuse race)."""
+    nr = _ffi.cast("long", _syscall_number("pidfd_send_signal"))
+    _check(
+        _libc.syscall(nr, _ffi.cast("int", pidfd), _ffi.cast("int", sig),
+                      _ffi.cast("void *", 0), _ffi.cast("unsigned int", flags)),
+        "pidfd_send_signal",
+    )
+
+
+def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
+    """close_range(2): close every descriptor from FIRST to LAST in one call."""
+    nr = _ffi.cast("long", _syscall_number("close_range"))
+    _check(_libc.syscall(nr, _ffi.cast("unsigned int", first), _ffi.cast("unsigned int", last),
+                         _ffi.cast("unsigned int", flags)), "close_range")
+
+
+# --- capability bounding set helpers -------------------------------------
+
+def capbset_drop(cap: int) -> None:
+    """PR_CAPBSET_DROP: remove CAP from the bounding set for good (needs CAP_SETPCAP)."""
+    prctl(PR_CAPBSET_DROP, cap)
+
+
+def capbset_read(cap: int) -> bool:
+    return prctl(PR_CAPBSET_READ, cap) == 1

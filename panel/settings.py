@@ -1,0 +1,239 @@
+"""Settings of the vpanel panel.
+
+Everything a deployment changes comes from the environment:
+
+  VPANEL_SECRET_KEY   the signing key; when unset, one is generated once and
+                      kept in VAR_DIR/secret_key (mode 0600)
+  VPANEL_DEBUG        1/true/yes/on to turn Django's debug mode on (default off)
+  VPANEL_ALLOWED_HOSTS  comma-separated host names served besides the loopback ones
+  VPANEL_HTTPS        1 when the panel is only reached over HTTPS: cookies become Secure
+  VPANEL_VAR_DIR      state directory (default var/ in the source tree): the
+                      secret key and the SQLite database
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import secrets
+import tempfile
+import tomllib
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    """Read a yes/no environment variable; anything unrecognised is an error, not "no"."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r}: use 1/true/yes/on or 0/false/no/off")
+
+
+def _read_secret_key(path: Path) -> str:
+    with path.open(encoding="ascii") as f:
+        # fstat the descriptor we read from, so the mode checked is that of this file.
+        mode = os.fstat(f.fileno()).st_mode
+        if mode & 0o077:
+            raise ImproperlyConfigured(
+                f"{path} is readable by other users (mode {mode & 0o777:o}): "
+                "chmod 600 it, or delete it and let the panel generate a new key"
+            )
+        key = f.read().strip()
+    if not key:
+        raise ImproperlyConfigured(f"{path} is empty: delete it to generate a new key")
+    return key
+
+
+def _secret_key(var_dir: Path) -> str:
+    from_env = os.environ.get("VPANEL_SECRET_KEY", "").strip()
+    if from_env:
+        return from_env
+    path = var_dir / "secret_key"
+    with contextlib.suppress(FileNotFoundError):
+        return _read_secret_key(path)
+    # Write the key to a private temporary file (mkstemp creates it 0600), then
+    # hard-link it into place: link() fails when another process (a second
+    # pytest-xdist worker, a manage.py started alongside) got there first, so
+    # every process ends up reading the same, completely written key.
+    fd, tmp = tempfile.mkstemp(dir=var_dir, prefix=".secret_key.")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(secrets.token_urlsafe(50) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    return _read_secret_key(path)
+
+
+def _version() -> str:
+    """The version in pyproject.toml in a source tree, else that of the installed package."""
+    pyproject = BASE_DIR / "pyproject.toml"
+    if pyproject.is_file():
+        with pyproject.open("rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    try:
+        return importlib.metadata.version("vpanel")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VPANEL_VERSION = _version()
+
+VAR_DIR = Path(os.environ.get("VPANEL_VAR_DIR") or BASE_DIR / "var")
+VAR_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+SECRET_KEY = _secret_key(VAR_DIR)
+
+DEBUG = _env_bool("VPANEL_DEBUG", False)
+
+ALLOWED_HOSTS = [
+    "127.0.0.1",
+    "localhost",
+    "[::1]",
+    *(h.strip() for h in os.environ.get("VPANEL_ALLOWED_HOSTS", "").split(",") if h.strip()),
+]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "panel.hosting",
+    "panel.guests",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    # CommonMiddleware calls request.get_host(), which refuses hosts not in ALLOWED_HOSTS.
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "panel.urls"
+WSGI_APPLICATION = "panel.wsgi.application"
+ASGI_APPLICATION = "panel.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "panel.views.vpanel_context",
+            ],
+        },
+    },
+]
+
+if os.environ.get("DATABASE_URL"):
+    raise ImproperlyConfigured(
+        "DATABASE_URL is not read yet: the panel uses SQLite in VPANEL_VAR_DIR; unset it"
+    )
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": VAR_DIR / "db.sqlite3",
+        "OPTIONS": {
+            # Web requests, websocket consumers and manage.py share one file:
+            # WAL lets readers run beside a writer, and IMMEDIATE transactions
+            # take the write lock up front instead of failing with "database is
+            # locked" when a read transaction later tries to write.
+            "init_command": "PRAGMA journal_mode=WAL;PRAGMA synchronous=NORMAL",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+        },
+    },
+}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {
+        "NAME": "django.contrib.auth.password_validation.MinimumLengthValidator",
+        "OPTIONS": {"min_length": 12},
+    },
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = VAR_DIR / "static"
+
+# Cookies. Named after the panel so that another Django site on the same host
+# (cookies ignore the port) neither reads nor overwrites them. The CSRF cookie
+# stays readable by scripts (Django's default), which forms and fetch() need.
+SESSION_COOKIE_NAME = "vpanel_session"
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+SESSION_COOKIE_AGE = 12 * 60 * 60
+CSRF_COOKIE_NAME = "vpanel_csrftoken"
+CSRF_COOKIE_SAMESITE = "Lax"
+# Secure cookies are never sent over plain http://, which would lock people out
+# of a panel tried on http://127.0.0.1, so they follow VPANEL_HTTPS.
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = _env_bool("VPANEL_HTTPS", False)
+
+# Response headers.
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+
+# Request bodies: the panel takes forms and small JSON documents, never uploads.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
+
+# Django's default logging sends errors to ADMINS by mail when DEBUG is off,
+# which without ADMINS means nowhere; send them to stderr instead.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+    },
+    "handlers": {
+        "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
+        # A logger with no handler at all falls back to logging.lastResort.
+        "discard": {"class": "logging.NullHandler"},
+    },
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+    "loggers": {
+        "django": {"handlers": ["stderr"], "level": "INFO", "propagate": False},
+        # Scanners send stray Host headers all day; each is refused with a 400,
+        # which the request log already shows. A traceback apiece adds nothing.
+        "django.security.DisallowedHost": {"handlers": ["discard"], "propagate": False},
+    },
+}
