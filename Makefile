@@ -2,10 +2,13 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-# Temporary roots for `make run`, so the demo never touches a real /etc/vservers.
+# `make run` keeps its guests in temporary roots under var/, never in a real /etc/vservers.
 DEMO  ?= $(CURDIR)/var/demo
+DEMO_ENV := VSERVER_CONFDIR=$(DEMO)/etc VSERVER_ROOTDIR=$(DEMO)/vservers VSERVER_RUNDIR=$(DEMO)/run
+PANEL_ADDR ?= 127.0.0.1:8000
+CMD ?= ps
 
-.PHONY: run test deps lint clean demo-stop
+.PHONY: run test deps lint clean demo-enter demo-exec demo-stop demo-status bench
 
 deps:
 	@scripts/bootstrap.sh
@@ -16,17 +19,30 @@ lint: deps
 	$(PY) manage.py check
 	$(PY) manage.py makemigrations --check --dry-run
 
+# The whole suite: lint, then every test (root: kernel tests run for real).
 test: lint
 	$(VENV)/bin/pytest -n auto --dist loadfile
 
 run: deps
 	$(PY) manage.py migrate --noinput -v0
-	VSERVER_CONFDIR=$(DEMO)/etc VSERVER_ROOTDIR=$(DEMO)/vservers VSERVER_RUNDIR=$(DEMO)/run \
-	  $(PY) -m hostagent.demo
+	$(DEMO_ENV) $(PY) -m hostagent.demo
+	@echo "Panel: http://$(PANEL_ADDR)/  (Ctrl-C stops the panel; the demo vserver keeps running)"
+	$(PY) manage.py runserver --insecure --noreload $(PANEL_ADDR)
+
+demo-enter: deps
+	$(DEMO_ENV) $(VENV)/bin/vserver demo enter
+
+demo-exec: deps
+	$(DEMO_ENV) $(VENV)/bin/vserver demo exec $(CMD)
+
+demo-status: deps
+	$(DEMO_ENV) $(VENV)/bin/vserver demo status
 
 demo-stop: deps
-	VSERVER_CONFDIR=$(DEMO)/etc VSERVER_ROOTDIR=$(DEMO)/vservers VSERVER_RUNDIR=$(DEMO)/run \
-	  $(VENV)/bin/vserver demo stop
+	$(DEMO_ENV) $(VENV)/bin/vserver demo stop
+
+bench: deps
+	$(PY) bench/start_stop.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -14,12 +14,15 @@ describes what each method produces and the tarball rules.
 
 from __future__ import annotations
 
+import bz2
 import collections
 import contextlib
 import datetime
 import errno
 import fcntl
 import fnmatch
+import gzip
+import io
 import logging
 import lzma
 import os
@@ -36,6 +39,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import zstandard
 
@@ -213,6 +217,8 @@ def build_root(
             os.rename(tmp, root)
         except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, zlib.error,
                 zstandard.ZstdError) as e:
+            # OSError includes gzip.BadGzipFile (CRC) and bz2's "Invalid data
+            # stream"; EOFError is a compressed stream cut short.
             raise BuildError(f"building {root} with {method} failed: {e}") from e
     except BaseException:
         _discard(tmp, log)
@@ -319,7 +325,7 @@ def _build_copy(tmp: Path, log: Log, host: Path, root: Path, hostname: str) -> N
         rules[rel_guests] = _SKIP
     tops = [name for name in COPY_TOPS if os.path.lexists(host / name)]
     log(f"copy: copying {', '.join('/' + t for t in tops)} from {host}")
-    _copy_filtered(host, tmp, "", tops, rules, os.lstat(host).st_dev, log)
+    _copy_filtered(host, tmp, "", tops, rules, os.stat(host).st_dev, log)
     _guestize(tmp, log, hostname)
 
 
@@ -343,31 +349,36 @@ def _copy_filtered(
     for name in sorted(names):
         crel = f"{rel}/{name}" if rel else name
         src = src_dir / name
+        dst = dst_dir / name
         action = rules.get(crel)
         if action == _SKIP:
             log(f"copy: leaving out /{crel}")
             continue
-        below = any(r.startswith(crel + "/") for r in rules)
         st = os.lstat(src)
-        if (action is None and not below) or not stat.S_ISDIR(st.st_mode):
-            plain.append(src)
-            continue
-        dst = dst_dir / name
-        _mkdir_like(st, dst)
-        if st.st_dev != dev:
-            # A mount point below the top: `cp -x` would make it empty too.
+        is_dir = stat.S_ISDIR(st.st_mode)
+        # Each top is copied on its own filesystem, as `cp -ax /var` did when
+        # /var was a separate one; below a top, a directory on another device
+        # is a mount point and becomes an empty directory, as cp -x makes it.
+        sub_dev = dev if rel else st.st_dev
+        if is_dir and st.st_dev != sub_dev:
+            _mkdir_like(st, dst)
             shutil.copystat(src, dst, follow_symlinks=False)
             continue
+        below = any(r.startswith(crel + "/") for r in rules)
+        if not is_dir or (action is None and not below):
+            plain.append(src)
+            continue
+        _mkdir_like(st, dst)
         children = os.listdir(src)
         if action == _EMPTY:
             children = []
         elif action == _DIRS_ONLY:
-            _copy_dir_skeleton(src, dst, dev)
+            _copy_dir_skeleton(src, dst, sub_dev)
             children = []
         elif action is not None and action.startswith("drop:"):
             pattern = action.removeprefix("drop:")
             children = [c for c in children if not fnmatch.fnmatchcase(c, pattern)]
-        _copy_filtered(src, dst, crel, children, rules, dev, log)
+        _copy_filtered(src, dst, crel, children, rules, sub_dev, log)
         shutil.copystat(src, dst, follow_symlinks=False)
     if plain:
         # --reflink=auto shares extents on btrfs/XFS and copies elsewhere.
@@ -379,9 +390,10 @@ def _copy_dir_skeleton(src: Path, dst: Path, dev: int) -> None:
     for name in sorted(os.listdir(src)):
         child = src / name
         st = os.lstat(child)
-        if stat.S_ISDIR(st.st_mode) and st.st_dev == dev:
+        if stat.S_ISDIR(st.st_mode):
             _mkdir_like(st, dst / name)
-            _copy_dir_skeleton(child, dst / name, dev)
+            if st.st_dev == dev:  # a mount point stays empty
+                _copy_dir_skeleton(child, dst / name, dev)
             shutil.copystat(child, dst / name, follow_symlinks=False)
 
 
@@ -424,19 +436,19 @@ def _empty_dev(tmp: Path, log: Log) -> None:
     a stopped guest's tree holds no device node that something on the host
     could be tricked into opening.
     """
-    dev = tmp / "dev"
-    names = os.listdir(dev)
+    devdir = tmp / "dev"
+    names = os.listdir(devdir)
     if not names:
         return
-    fd = os.open(dev, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(devdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         for name in names:
             cst = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if stat.S_ISDIR(cst.st_mode):
-                _remove_dir_at(fd, name, f"{dev}/{name}", st.st_dev, clear_holder=True)
+                _remove_dir_at(fd, name, f"{devdir}/{name}", st.st_dev, clear_holder=True)
             else:
-                _unlink_at(fd, name, f"{dev}/{name}", is_dir=False, clear_holder=True)
+                _unlink_at(fd, name, f"{devdir}/{name}", is_dir=False, clear_holder=True)
     finally:
         os.close(fd)
     log(f"emptied /dev ({len(names)} entries): the guest gets a tmpfs /dev at start")
@@ -872,23 +884,116 @@ def _drop_device_nodes(tmp: Path, log: Log) -> None:
 def _extract_tarball(src: Path, tmp: Path, log: Log) -> None:
     """Extract the tarball SRC into TMP, refusing members that would escape it.
 
-    Streaming ('r|*' and a zstd stream reader), so a tarball is read once
-    and never needs to fit in memory or be seekable. zstd is told apart by
-    its magic number rather than the file name; gzip, bzip2 and xz are
-    recognised by tarfile itself.
+    Streaming, so a tarball is read once and never needs to fit in memory
+    or be seekable. The compression is told by its magic number, not the
+    file name, and undone here rather than by tarfile's 'r|*': tarfile's own
+    stream reader never checks gzip's CRC, and going through _Tail lets the
+    end of the archive be checked (see _check_end).
     """
-    with open(src, "rb") as raw:
-        magic = raw.read(4)
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(open(src, "rb"))
+        magic = raw.read(6)
         raw.seek(0)
-        if magic == _ZSTD_MAGIC:
-            log(f"rootfs: extracting {src} (zstd)")
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            with reader, tarfile.open(fileobj=reader, mode="r|") as tar:
-                _Extractor(tar, tmp, log).run()
+        reader: _Readable
+        if magic.startswith(b"\x1f\x8b"):
+            kind, reader = "gzip", stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+        elif magic.startswith(b"BZh"):
+            kind, reader = "bzip2", stack.enter_context(bz2.BZ2File(raw))
+        elif magic.startswith(b"\xfd7zXZ\x00"):
+            kind, reader = "xz", stack.enter_context(lzma.LZMAFile(raw))
+        elif magic.startswith(_ZSTD_MAGIC):
+            # Frames after the first are part of the stream: `zstd -T0` and
+            # pzstd write several.
+            kind, reader = "zstd", stack.enter_context(
+                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            )
         else:
-            log(f"rootfs: extracting {src}")
-            with tarfile.open(fileobj=raw, mode="r|*") as tar:
-                _Extractor(tar, tmp, log).run()
+            kind, reader = "uncompressed", raw
+        log(f"rootfs: extracting {src} ({kind})")
+        tail = _Tail(reader)
+        with tarfile.open(fileobj=tail, mode="r|") as tar:
+            _Extractor(tar, tmp, log).run()
+            _check_end(tar, tail)
+        # Read what follows the end marker (padding, then the compressor's
+        # trailer): gzip checks its CRC, and xz and zstd their checksums,
+        # only when the end of the stream is reached.
+        while tail.read(1 << 16):
+            pass
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+_TAR_BLOCK = 512
+
+
+class _Tail:
+    """A read-only stream that remembers the last bytes it handed out.
+
+    tarfile stops without a word at the first block that is not a valid
+    header, or at the end of the data, as if the archive had ended there;
+    a damaged or cut tarball would become a guest with files missing. With
+    this window, _check_end can look at the block tarfile stopped on.
+    """
+
+    _WINDOW = 1 << 18  # far more than tarfile's read-ahead (RECORDSIZE, 10 KiB)
+
+    def __init__(self, src: _Readable) -> None:
+        self.src = src
+        self.pos = 0
+        self.window = bytearray()
+        self.window_start = 0
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self.src.read(size)
+        self.pos += len(data)
+        self.window += data
+        excess = len(self.window) - self._WINDOW
+        if excess > 0:
+            del self.window[:excess]
+            self.window_start += excess
+        return data
+
+    def block_at(self, offset: int) -> bytes | None:
+        """The 512 bytes at OFFSET if they were read and are still held, else None."""
+        i = offset - self.window_start
+        if i < 0:
+            return None
+        block = bytes(self.window[i : i + _TAR_BLOCK])
+        if len(block) < _TAR_BLOCK:
+            # Not read yet: read on, which is how a missing end shows itself.
+            more = self.read(_TAR_BLOCK - len(block))
+            block += more
+        return block if len(block) == _TAR_BLOCK else None
+
+    def write(self, b: bytes, /) -> int:
+        raise io.UnsupportedOperation("read-only")
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, /) -> int:
+        raise io.UnsupportedOperation("not seekable")
+
+    def close(self) -> None:
+        """The underlying file belongs to the caller's ExitStack."""
+
+
+def _check_end(tar: tarfile.TarFile, tail: _Tail) -> None:
+    """Refuse an archive that stopped anywhere but at its end-of-archive marker.
+
+    After the last member tarfile's offset is the block it stopped on; in a
+    whole archive that block is zeros (POSIX ends an archive with two).
+    """
+    block = tail.block_at(tar.offset)
+    if block is None:
+        raise BuildError(
+            f"the tarball ends at byte {tar.offset} without its end-of-archive marker: "
+            "it is truncated"
+        )
+    if block.strip(b"\0"):
+        raise BuildError(f"the tarball has a damaged header at byte {tar.offset}")
 
 
 class _Extractor:

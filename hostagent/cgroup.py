@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -132,12 +133,32 @@ class Cgroup:
             time.sleep(0.01)
 
     def wait_empty(self, timeout: float) -> bool:
+        """Wait until no process is left; on v2 the kernel wakes us (cgroup.events)."""
         deadline = time.monotonic() + timeout
-        while self.populated():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        poller = None
+        fd = -1
+        if self.hierarchy.version == 2:
+            try:
+                fd = os.open(self.path / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+                poller = select.poll()
+                poller.register(fd, select.POLLPRI | select.POLLERR)
+            except FileNotFoundError:
+                return True
+        try:
+            while self.populated():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                if poller is not None:
+                    # A modification of cgroup.events wakes the poll; the short
+                    # cap covers a change between reading and polling.
+                    poller.poll(min(left, 0.05) * 1000)
+                else:
+                    time.sleep(min(left, 0.005))
+            return True
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def remove(self) -> None:
         """Remove the cgroup (and children); it must be empty of processes."""

@@ -366,6 +366,10 @@ def _init_child(spec: ContextSpec, argv: Sequence[str] | None, pipe_w: int,
                 raise OSError(0, f"injected failure at {name}")
 
         checkpoint("mounts")
+        if argv is None:
+            # The guest's init leaves the caller's session and process group:
+            # a Ctrl-C or a signal to the caller's job must not reach it.
+            os.setsid()
         if spec.root is not None:
             _mount_guest_tree(str(spec.root), spec.hideinfo)
             checkpoint("pivot_root")
@@ -507,7 +511,7 @@ def _prepare(spec: ContextSpec) -> None:
     or a dlopen there would fail (or, worse, load the guest's library).
     """
     if spec.seccomp is not None:
-        seccomp.preload()
+        seccomp.compile_policy(spec.seccomp)
     capmod.last_cap()
 
 
@@ -702,6 +706,9 @@ def _enter_grandchild(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
         if req.stdio is not None:
             for target, fd in enumerate(req.stdio):
                 os.dup2(fd, target)
+            # Not attached to the caller's terminal: a new session, so that
+            # daemons this starts (a runlevel script) outlive a Ctrl-C there.
+            os.setsid()
         if slave >= 0:
             os.setsid()
             fcntl.ioctl(slave, termios.TIOCSCTTY, 0)

@@ -14,19 +14,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from hostagent import guest
+from hostagent import guest, procfs
 from hostagent.paths import Paths
 
 __all__ = ["ContextRegistry", "find_guest_by_context"]
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(data[data.rindex(b")") + 2:].split()[19])
 
 
 class ContextRegistry:
@@ -51,7 +42,7 @@ class ContextRegistry:
                 pid, start = (int(x) for x in p.read_text().split())
             except (OSError, ValueError):
                 pid, start = 0, -1
-            if pid and _start_time(pid) == start:
+            if pid and procfs.start_time(pid) == start:
                 used.add(int(p.name))
             else:
                 with contextlib.suppress(OSError):
@@ -76,11 +67,11 @@ class ContextRegistry:
                 if not n:
                     raise guest.GuestError("no free context number")
             # Hold it with our own pid until record() names the context's PID 1.
-            (self.dir / str(n)).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+            (self.dir / str(n)).write_text(f"{os.getpid()} {procfs.start_time(os.getpid())}\n")
             return n
 
     def record(self, n: int, init_pid: int) -> None:
-        (self.dir / str(n)).write_text(f"{init_pid} {_start_time(init_pid)}\n")
+        (self.dir / str(n)).write_text(f"{init_pid} {procfs.start_time(init_pid)}\n")
 
     def release(self, n: int) -> None:
         with contextlib.suppress(FileNotFoundError):

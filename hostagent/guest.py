@@ -30,7 +30,7 @@ from pathlib import Path
 from hostagent import build as buildmod
 from hostagent import caps as capmod
 from hostagent import conf as confmod
-from hostagent import context, seccomp, syscalls
+from hostagent import context, procfs, seccomp, syscalls
 from hostagent.cgroup import Cgroup, cgroup_of, tracking_hierarchy
 from hostagent.names import check_name
 from hostagent.paths import Paths
@@ -102,17 +102,6 @@ def cgroup_base() -> str:
     return base
 
 
-def _proc_start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2:].split()
-    return int(fields[19])
-
-
 @contextlib.contextmanager
 def _locked(paths: Paths, name: str) -> Iterator[None]:
     """One operation per guest at a time, across processes."""
@@ -148,7 +137,7 @@ def read_state(paths: Paths, name: str) -> RunState | None:
 
 def _alive(st: RunState) -> bool:
     """Is ST's PID 1 still the very process we started, in its cgroup?"""
-    if _proc_start_time(st.init_pid) != st.init_start:
+    if procfs.start_time(st.init_pid) != st.init_start:
         return False
     return cgroup_of(st.init_pid, tracking_hierarchy()) == st.cgroup
 
@@ -361,7 +350,7 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
                 init_pid = context.launch_init(spec, fail_at=fail_at)
             except context.LaunchError as e:
                 raise GuestError(f"{name}: start failed at {e}") from e
-            st = RunState(name, ctx, init_pid, _proc_start_time(init_pid) or 0, time.time(),
+            st = RunState(name, ctx, init_pid, procfs.start_time(init_pid) or 0, time.time(),
                           cg.relpath, spec.namespaces)
             tmp = paths.state(name).with_suffix(".new")
             tmp.write_text(st.dump())
@@ -406,7 +395,7 @@ def _enter(st: RunState, spec: context.ContextSpec, req: context.EnterRequest,
     """Run REQ in the guest; with OUTPUT, its stdout+stderr go there, stdin is empty."""
     pidfd = syscalls.pidfd_open(st.init_pid)
     try:
-        if _proc_start_time(st.init_pid) != st.init_start:
+        if procfs.start_time(st.init_pid) != st.init_start:
             raise GuestError(f"{st.name} is not running")
         if output is None:
             return context.enter(pidfd, spec, req)
@@ -601,7 +590,7 @@ def _kill_guest(st: RunState) -> None:
     with contextlib.suppress(OSError):
         fd = syscalls.pidfd_open(st.init_pid)
         try:
-            if _proc_start_time(st.init_pid) == st.init_start:
+            if procfs.start_time(st.init_pid) == st.init_start:
                 syscalls.pidfd_send_signal(fd, signal.SIGKILL)
         finally:
             os.close(fd)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import gzip
 import io
 import os
 import re
@@ -107,6 +108,7 @@ def busybox_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ping = root / "bin/ping-caps"
     shutil.copyfile(root / "etc/profile", ping)
     os.chmod(ping, 0o755)
+    os.setxattr(ping, "user.gnu", b"made by GNU tar")
     return root
 
 
@@ -243,9 +245,14 @@ def test_stale_pidfile_naming_another_process_is_not_running(guests: Path):
     root = guests / "bb"
     build_root(root, "busybox", log=Lines())
     make_dev_null(root)
-    # Our own pid: alive, but not a syslogd.
+    # Our own pid: alive, but not a syslogd. The name check needs /proc,
+    # which a started guest always has.
     (root / "var/run/syslogd.pid").write_text(f"{os.getpid()}\n")
-    assert chroot(root, "/etc/init.d/syslogd", "status").returncode == 3
+    subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+    try:
+        assert chroot(root, "/etc/init.d/syslogd", "status").returncode == 3
+    finally:
+        subprocess.run(["umount", str(root / "proc")], check=True)
 
 
 def in_new_netns(code: str) -> subprocess.CompletedProcess[str]:
@@ -586,12 +593,52 @@ def test_corrupt_tarball_leaves_nothing(guests: Path, busybox_src: Path, tmp_pat
 
 
 def test_corrupt_zstd_tarball_leaves_nothing(guests: Path, busybox_src: Path, tmp_path: Path):
-    good = make_tarball(busybox_src, tmp_path / "rootfs.tar.zst").read_bytes()
+    plain = make_tarball(busybox_src, tmp_path / "rootfs.tar").read_bytes()
+    # With a content checksum, as the zstd command writes by default.
+    good = zstandard.ZstdCompressor(write_checksum=True).compress(plain)
     bad = tmp_path / "bad.tar.zst"
-    bad.write_bytes(good[:4096] + b"\0" * 4096 + good[8192:])
-    with pytest.raises(BuildError):
+    bad.write_bytes(good[:4096] + bytes([good[4096] ^ 0xFF]) + good[4097:])
+    with pytest.raises(BuildError, match="checksum"):
         build_root(guests / "g", "rootfs", str(bad), log=Lines())
     assert_nothing_left(guests)
+
+
+def test_gzip_crc_is_checked(guests: Path, busybox_src: Path, tmp_path: Path):
+    good = make_tarball(busybox_src, tmp_path / "rootfs.tar.gz").read_bytes()
+    bad = tmp_path / "bad.tar.gz"
+    # The trailer's CRC32, which tarfile's own stream reader never looks at.
+    bad.write_bytes(good[:-8] + bytes([good[-8] ^ 0xFF]) + good[-7:])
+    with pytest.raises(BuildError, match="CRC"):
+        build_root(guests / "g", "rootfs", str(bad), log=Lines())
+    assert_nothing_left(guests)
+
+
+def test_tarball_cut_between_members_is_refused(guests: Path, tmp_path: Path):
+    whole = hostile(tmp_path / "t.tar.gz", ("file", "a", "x" * 100), ("file", "b", "y"))
+    # Blocks: a's header, a's data, b's header, b's data, then the zero blocks.
+    data = gzip.decompress(whole.read_bytes())
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[:1024])  # ends cleanly after a: tarfile alone would not notice
+    with pytest.raises(BuildError, match="truncated"):
+        build_root(guests / "g", "rootfs", str(cut), log=Lines())
+    assert_nothing_left(guests)
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(data[:1024] + b"garbage!" * 64 + data[1536:])  # b's header
+    with pytest.raises(BuildError, match="damaged header at byte 1024"):
+        build_root(guests / "g", "rootfs", str(damaged), log=Lines())
+    assert_nothing_left(guests)
+
+
+def test_rootfs_from_a_gnu_tar_tarball(guests: Path, busybox_src: Path, tmp_path: Path):
+    tarball = tmp_path / "gnu.tar.xz"
+    subprocess.run(
+        ["tar", "--xattrs", "--xattrs-include=user.*", "-C", str(busybox_src), "-cJf",
+         str(tarball), "."],
+        check=True,
+    )
+    build_root(guests / "r", "rootfs", str(tarball), log=Lines())
+    check_carried_over(guests / "r")
+    assert os.getxattr(guests / "r/bin/ping-caps", "user.gnu") == b"made by GNU tar"
 
 
 # --- copy ------------------------------------------------------------------------------------
@@ -754,6 +801,20 @@ def test_copy_leaves_out_the_guests_directory_itself(tmp_path: Path):
     assert_only(guests, "c", "other")
 
 
+def test_copy_does_not_cross_into_mounts(tmp_path: Path, guests: Path):
+    host = fake_host(tmp_path)
+    docker = host / "var/lib/docker"
+    docker.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "vpanel-test", str(docker)], check=True)
+    try:
+        (docker / "layer").write_text("another filesystem")
+        build_root(guests / "c", "copy", log=Lines(), host_root=host)
+    finally:
+        subprocess.run(["umount", str(docker)], check=True)
+    assert (guests / "c/var/lib/docker").is_dir()
+    assert list((guests / "c/var/lib/docker").iterdir()) == []
+
+
 def test_interrupted_copy_leaves_nothing(tmp_path: Path, guests: Path):
     host = fake_host(tmp_path)
     with pytest.raises(KeyboardInterrupt):
@@ -766,6 +827,7 @@ def test_interrupted_copy_leaves_nothing(tmp_path: Path, guests: Path):
 
 @pytest.mark.debootstrap
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.skipif(os.environ.get("VPANEL_TEST_DEBOOTSTRAP") != "1",
                     reason="downloads a Debian; set VPANEL_TEST_DEBOOTSTRAP=1 to run it")
 def test_debootstrap_builds_a_debian_guest(guests: Path):
