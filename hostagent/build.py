@@ -490,7 +490,7 @@ def _forget_host_identity(tmp: Path, log: Log) -> None:
     """
     gone: list[str] = []
     ssh = tmp / "etc/ssh"
-    if _is_real_dir(ssh):
+    if _is_real_dir(ssh, tmp):
         for key in sorted(ssh.glob("ssh_host_*")):
             if key.is_symlink() or key.is_file():
                 key.unlink()
