@@ -85,6 +85,12 @@ class Cgroup:
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
 
+    def clone_fd(self) -> int | None:
+        """A directory fd for clone3(CLONE_INTO_CGROUP), or None on cgroup v1 (no such flag)."""
+        if self.hierarchy.version != 2:
+            return None
+        return os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
     def procs_file(self) -> Path:
         return self.path / "cgroup.procs"
 

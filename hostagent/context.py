@@ -8,10 +8,10 @@ an interpreter 7 to 10 ms more (reference/perf.md).
 
 Starting PID 1 (launch_init):
 
-    caller ──fork──> A: join cgroup, unshare(NEWNS|NEWUTS|NEWIPC|NEWPID|NEWCGROUP)
-                     A ──fork──> B (PID 1 of the new PID namespace)
-                     A reports B's host pid and exits; nothing stays behind.
-                     B: mounts, pivot_root, names, limits, ceiling, seccomp, exec init
+    caller ──clone3(NEWPID|NEWNS|NEWUTS|NEWIPC[|NEWNET], INTO_CGROUP)──> B
+    B (PID 1 of the new PID namespace, born in the guest's cgroup):
+       unshare(NEWCGROUP), mounts, pivot_root, names, limits, ceiling,
+       seccomp, exec init
 
 B reports a failed step over a close-on-exec pipe; EOF without a message
 means the exec happened. Everything B set up lives in namespaces only B
@@ -19,9 +19,13 @@ holds, so when B dies before the exec the kernel tears all of it down: no
 mount, namespace or process of a failed start survives.
 
 Entering (enter): fork C, which joins the guest's namespaces through a pidfd
-of its PID 1 (so a recycled PID can never be joined), forks D inside the PID
-namespace, and waits for it; D joins the cgroup and cgroup namespace, takes
-the same ceiling, limits and filter as the guest, and execs the command.
+of its PID 1 (so a recycled PID can never be joined), clones D inside the PID
+namespace and the guest's cgroup, and waits for it; D joins the cgroup
+namespace, takes the same ceiling, limits and filter as the guest, and execs
+the command.
+
+B is the caller's child: a long-lived caller (the agent) reaps it when the
+guest ends; a short-lived one (the CLI) exits and the host's init does.
 """
 
 from __future__ import annotations
@@ -437,71 +441,64 @@ def launch_init(
     Raises LaunchError naming the failed step; nothing is left behind then.
     """
     _prepare(spec)
-    if argv is None and not spec.fakeinit:
+    if (argv is None and not spec.fakeinit) or (argv is not None and spec.root is None):
         _sealed_init()  # fail here, with a clear message, if the init is missing
-    elif argv is not None and spec.root is None:
-        _sealed_init()
-    pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
-    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
-    a = os.fork()
-    if a == 0:
-        # A: the intermediate. It must not return into the caller's code.
-        try:
-            os.close(pid_r)
-            os.close(st_r)
-            os.close(sync_w)
-            if spec.cgroup is not None:
-                spec.cgroup.attach(0)
-            flags = spec.namespaces
-            if spec.userns:
-                flags |= syscalls.CLONE_NEWUSER
-            syscalls.unshare(flags)
-            if spec.userns:
-                # The map must be written from outside the new user namespace:
-                # the parent does it once we say we are ready.
-                os.write(pid_w, f"U{os.getpid()}\n".encode())
-                os.read(sync_r, 1)
-            b = os.fork()
-            if b == 0:
-                os.close(pid_w)
-                os.close(sync_r)
-                _init_child(spec, argv, st_w, keep_fds, fail_at)
-            os.write(pid_w, f"{b}\n".encode())
-            os._exit(0)
-        except BaseException as e:
-            _fail(st_w, "unshare", e)
-    os.close(pid_w)
-    os.close(st_w)
-    os.close(sync_r)
-    init_pid = 0
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC) if spec.userns else (-1, -1)
+    flags = spec.namespaces & ~CLONE_NEWCGROUP
+    if spec.userns:
+        flags |= syscalls.CLONE_NEWUSER
+    cg_fd = spec.cgroup.clone_fd() if spec.cgroup is not None else None
     try:
-        with os.fdopen(pid_r, "rb", buffering=0) as f:
-            data = b""
-            while True:
-                chunk = f.read(64)
-                if not chunk:
-                    break
-                data += chunk
-                if data.startswith(b"U") and b"\n" in data:
-                    line, _, data = data.partition(b"\n")
-                    _write_uid_map(int(line[1:]), os.getuid(), os.getgid())
-                    os.write(sync_w, b"1")
-        if data.strip():
-            init_pid = int(data.strip())
-    finally:
-        os.close(sync_w)
-        _, status = os.waitpid(a, 0)
+        pid = syscalls.fork_into(flags, cg_fd)
+    except OSError as e:
+        for fd in (st_r, st_w, sync_r, sync_w, -1 if cg_fd is None else cg_fd):
+            if fd >= 0:
+                os.close(fd)
+        raise LaunchError("clone3", str(e)) from e
+    if pid == 0:
+        # B: PID 1 of the new namespaces. It never returns into the caller.
+        step = "cgroup"
+        try:
+            os.close(st_r)
+            if spec.userns:
+                # The id map must be written from outside the new user
+                # namespace: wait until the parent has done it.
+                os.close(sync_w)
+                step = "userns"
+                os.read(sync_r, 1)
+                os.close(sync_r)
+            step = "cgroup"
+            if spec.cgroup is not None and cg_fd is None:
+                spec.cgroup.attach(0)  # a v1 host: no CLONE_INTO_CGROUP there
+            if spec.namespaces & CLONE_NEWCGROUP:
+                # Only now, inside the guest's cgroup, so that it becomes the
+                # root of the guest's cgroup namespace.
+                syscalls.unshare(CLONE_NEWCGROUP)
+        except BaseException as e:
+            _fail(st_w, step, e)
+        _init_child(spec, argv, st_w, keep_fds, fail_at)
+    os.close(st_w)
+    if cg_fd is not None:
+        os.close(cg_fd)
+    if spec.userns:
+        os.close(sync_r)
+        try:
+            _write_uid_map(pid, os.getuid(), os.getgid())
+            os.write(sync_w, b"1")
+        except OSError as e:
+            os.close(st_r)
+            _reap_failed(pid)
+            raise LaunchError("userns", str(e)) from e
+        finally:
+            os.close(sync_w)
     with os.fdopen(st_r, "rb") as f:
         report = f.read()
     if report.startswith(_STEP_PREFIX):
-        if init_pid:
-            _reap_failed(init_pid)
+        _reap_failed(pid)
         step, _, msg = report[len(_STEP_PREFIX):].decode(errors="replace").partition(": ")
         raise LaunchError(step, msg)
-    if not init_pid:
-        raise LaunchError("fork", f"intermediate process exited with status {status:#x}")
-    return init_pid
+    return pid
 
 
 def _prepare(spec: ContextSpec) -> None:
@@ -516,7 +513,7 @@ def _prepare(spec: ContextSpec) -> None:
 
 
 def _reap_failed(pid: int) -> None:
-    """Collect a PID 1 that failed before exec, if it is our child (agent as subreaper)."""
+    """Kill and collect a PID 1 that failed before its exec (it is our child)."""
     with contextlib.suppress(ChildProcessError, ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -547,16 +544,20 @@ def enter(
     a command killed by a signal).
     """
     _prepare(spec)
-    procs_fd = os.open(spec.cgroup.procs_file(), os.O_WRONLY | os.O_CLOEXEC) if spec.cgroup else -1
+    cg_fd = spec.cgroup.clone_fd() if spec.cgroup is not None else None
+    procs_fd = -1
+    if spec.cgroup is not None and cg_fd is None:
+        procs_fd = os.open(spec.cgroup.procs_file(), os.O_WRONLY | os.O_CLOEXEC)
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
     c = os.fork()
     if c == 0:
         os.close(st_r)
-        code = _enter_child(init_pidfd, spec, req, procs_fd, st_w)
+        code = _enter_child(init_pidfd, spec, req, cg_fd, procs_fd, st_w)
         os._exit(code)
     os.close(st_w)
-    if procs_fd >= 0:
-        os.close(procs_fd)
+    for fd in (procs_fd, -1 if cg_fd is None else cg_fd):
+        if fd >= 0:
+            os.close(fd)
     if on_child is not None:
         on_child(c)
     while True:
@@ -574,7 +575,7 @@ def enter(
 
 
 def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
-                 procs_fd: int, st_w: int) -> int:
+                 cg_fd: int | None, procs_fd: int, st_w: int) -> int:
     """C: joins the namespaces, forks D inside them, relays and waits. Returns D's status."""
     step = "setns"
     try:
@@ -584,7 +585,7 @@ def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
             step = "pty"
             master, slave = _guest_pty()
         step = "fork"
-        d = os.fork()
+        d = syscalls.fork_into(0, cg_fd)
         if d == 0:
             if master >= 0:
                 os.close(master)
@@ -695,7 +696,7 @@ def _enter_grandchild(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
     """D: inside the PID namespace. Never returns."""
     step = "cgroup"
     try:
-        if procs_fd >= 0:
+        if procs_fd >= 0:  # a v1 host; on v2 D was born in the cgroup
             os.write(procs_fd, b"0")
             os.close(procs_fd)
         if spec.namespaces & CLONE_NEWCGROUP:

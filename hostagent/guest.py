@@ -595,6 +595,13 @@ def _kill_guest(st: RunState) -> None:
         finally:
             os.close(fd)
     _destroy_cgroup(Cgroup(st.cgroup))
+    _reap(st)
+
+
+def _reap(st: RunState) -> None:
+    """Collect PID 1 if this process started the guest (it is then our child)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(st.init_pid, os.WNOHANG)
 
 
 def _cleanup_stale(paths: Paths, name: str, st: RunState | None) -> None:
@@ -602,6 +609,8 @@ def _cleanup_stale(paths: Paths, name: str, st: RunState | None) -> None:
     cg = Cgroup(st.cgroup) if st else Cgroup(f"{cgroup_base()}/{name}")
     if cg.exists():
         _destroy_cgroup(cg)
+    if st is not None:
+        _reap(st)
     _unlink(paths.state(name))
 
 

@@ -25,9 +25,11 @@ Where the constants come from (Linux UAPI headers unless noted):
 
 from __future__ import annotations
 
+import ctypes
 import errno as _errno
 import os
 import platform
+import signal
 from typing import Any
 
 from cffi import FFI
@@ -44,6 +46,7 @@ __all__ = [
     "capget",
     "capset",
     "close_range",
+    "fork_into",
     "ioctl_int",
     "mount",
     "pidfd_open",
@@ -129,7 +132,7 @@ PRIO_PGRP = 1
 PRIO_USER = 2
 
 # --- syscall numbers without a glibc 2.36 wrapper -------------------------
-# pidfd_*, clone3, close_range and mount_setattr share one number on every
+# pidfd_*, clone3 (435), close_range and mount_setattr share one number on every
 # architecture (the unified table starting at 424); pivot_root does not.
 _SYS_COMMON = {
     "pidfd_send_signal": 424,
@@ -339,3 +342,53 @@ def capbset_drop(cap: int) -> None:
 
 def capbset_read(cap: int) -> bool:
     return prctl(PR_CAPBSET_READ, cap) == 1
+
+
+# --- fork into namespaces and a cgroup in one step -------------------------
+
+class _CloneArgs(ctypes.Structure):
+    """struct clone_args, include/uapi/linux/sched.h (CLONE_ARGS_SIZE_VER2)."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+        "stack_size", "tls", "set_tid", "set_tid_size", "cgroup")]
+
+
+# The one call that does not go through cffi: a fork must happen with the GIL
+# held, as os.fork() does it (cffi releases the GIL around every call, and a
+# thread taking it during the fork would leave the child's copy locked).
+# ctypes.PyDLL keeps the GIL; PyOS_BeforeFork/AfterFork_* are what os.fork()
+# itself calls around fork(2).
+_pyapi = ctypes.PyDLL(None, use_errno=True)
+_pyapi.syscall.restype = ctypes.c_long
+_pyapi.syscall.argtypes = [ctypes.c_long, ctypes.c_void_p, ctypes.c_size_t]
+_SYS_CLONE3 = 435
+
+
+def fork_into(flags: int = 0, cgroup_fd: int | None = None) -> int:
+    """clone3(2) used as fork(): the child starts in new namespaces (CLONE_NEW*
+    FLAGS) and, with CGROUP_FD (a cgroup v2 directory), already in that cgroup.
+
+    Returns 0 in the child and its pid in the parent, like os.fork(). Placing
+    the child at creation avoids a write to cgroup.procs, which waits for an
+    RCU grace period on most kernels (several ms per guest start or exec).
+
+    The child has a glibc thread descriptor whose cached TID is the parent's
+    (glibc's own fork() refreshes it; a raw clone cannot), so the child must
+    not call raise(3) or pthread_kill(3); Python code does not, and every
+    caller here execs or exits soon after.
+    """
+    args = _CloneArgs(flags=flags, exit_signal=signal.SIGCHLD)
+    if cgroup_fd is not None:
+        args.flags |= CLONE_INTO_CGROUP
+        args.cgroup = cgroup_fd
+    _pyapi.PyOS_BeforeFork()
+    pid = _pyapi.syscall(_SYS_CLONE3, ctypes.byref(args), ctypes.sizeof(args))
+    if pid == 0:
+        _pyapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    _pyapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone3: {os.strerror(err)}")
+    return int(pid)

@@ -104,9 +104,6 @@ def _new_context(a: argparse.Namespace, cmd: list[str], root: bool, paths: Paths
         )
         if not a.silent:
             print(f"New security context is {n}", flush=True)
-        # Become the subreaper so the context's PID 1 is our child and we can
-        # wait for it (its parent, the intermediate fork, exits at once).
-        syscalls.prctl(syscalls.PR_SET_CHILD_SUBREAPER, 1)
         init_pid = context.launch_init(spec, argv=cmd)
         reg.record(n, init_pid)
         if a.disconnect:
