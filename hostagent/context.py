@@ -133,6 +133,7 @@ class ContextSpec:
 # --- the guest's PID 1 ------------------------------------------------------
 
 _init_fd: int | None = None
+_last_cap = -1  # /proc/sys/kernel/cap_last_cap, read once per process
 
 
 def init_binary() -> str:
@@ -312,7 +313,7 @@ def _apply_ceiling(spec: ContextSpec) -> None:
     included (that is what makes it a ceiling). Inheritable and ambient sets
     are emptied so nothing slips around it through file capabilities.
     """
-    last = capmod.last_cap()
+    last = _last_cap if _last_cap >= 0 else capmod.last_cap()
     for cap in range(last + 1):
         if cap not in spec.caps and syscalls.capbset_read(cap):
             syscalls.capbset_drop(cap)
@@ -507,9 +508,12 @@ def _prepare(spec: ContextSpec) -> None:
     After pivot_root the child sees only the guest's files, so a lazy import
     or a dlopen there would fail (or, worse, load the guest's library).
     """
+    global _last_cap
     if spec.seccomp is not None:
-        seccomp.compile_policy(spec.seccomp)
-    capmod.last_cap()
+        seccomp.warm(spec.seccomp)
+    if _last_cap < 0:
+        syscalls.warm()
+        _last_cap = capmod.last_cap()
 
 
 def _reap_failed(pid: int) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "compile_policy",
     "load",
     "preload",
+    "warm",
 ]
 
 # Calls that are refused in every guest, and why.
@@ -224,6 +225,15 @@ def compile_policy(policy: SeccompPolicy) -> bytes:
         raise SeccompError(errno.EINVAL, f"libseccomp exported {len(prog)} bytes of BPF")
     _compiled[policy] = prog
     return prog
+
+
+def warm(policy: SeccompPolicy) -> None:
+    """Build POLICY and resolve the loader's types now, before any fork (see syscalls.warm)."""
+    compile_policy(policy)
+    _libc.prctl  # noqa: B018 - resolving the symbol is the point
+    buf = _ffi.from_buffer(b"\0" * 8)
+    _ffi.new("struct sock_fprog *", [1, _ffi.cast("void *", buf)])
+    _ffi.cast("uintptr_t", 0)
 
 
 def load(policy: SeccompPolicy) -> None:

@@ -60,6 +60,7 @@ __all__ = [
     "setpriority",
     "umount2",
     "unshare",
+    "warm",
 ]
 
 # --- include/uapi/linux/sched.h -------------------------------------------
@@ -342,6 +343,25 @@ def capbset_drop(cap: int) -> None:
 
 def capbset_read(cap: int) -> bool:
     return prctl(PR_CAPBSET_READ, cap) == 1
+
+
+def warm() -> None:
+    """Resolve every foreign function and type once, in the calling process.
+
+    cffi builds each function's call interface on first use; done in a
+    freshly forked child that costs milliseconds per guest (and copies the
+    pages it touches), done once here it is shared by every child.
+    """
+    for name in ("unshare", "setns", "mount", "umount2", "prctl", "capget", "capset",
+                 "sethostname", "setdomainname", "setpriority", "prlimit", "ioctl", "syscall"):
+        getattr(_libc, name)
+    for ctype in ("long", "int", "unsigned int", "char *", "void *", "unsigned long"):
+        _ffi.cast(ctype, 0)
+    _ffi.new("struct __user_cap_header_struct *")
+    _ffi.new("struct __user_cap_data_struct[2]")
+    _ffi.new("struct rlimit *")
+    _ffi.new("char[]", b"x")
+    capget()
 
 
 # --- fork into namespaces and a cgroup in one step -------------------------
