@@ -28,11 +28,9 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hostagent import guest  # noqa: E402
-from hostagent.cgroup import Cgroup  # noqa: E402
-from hostagent.paths import Paths  # noqa: E402
+from hostagent import guest
+from hostagent.cgroup import Cgroup
+from hostagent.paths import Paths
 
 
 def _ms(t0: float) -> float:

@@ -31,6 +31,7 @@ guest ends; a short-lived one (the CLI) exits and the host's init does.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import resource
@@ -90,13 +91,18 @@ PROC_READONLY = ("sys", "sysrq-trigger", "bus", "fs", "irq")
 # keyrings, kernel timer and scheduler internals that leak host activity and
 # addresses (moby's MaskedPaths; GHSA-6fw5-f8r9-fgfm for the thermal and
 # powercap ones).
+# Kernel heap and physical page state (slabinfo, kpage*, vmallocinfo,
+# /sys/kernel/slab, vmcoreinfo) is what kernel exploits map before they strike.
 MASKED_FILES = (
     "proc/kcore", "proc/keys", "proc/key-users", "proc/timer_list", "proc/timer_stats",
     "proc/sched_debug", "proc/latency_stats", "proc/kallsyms", "proc/kmsg",
-    "proc/interrupts", "proc/sysrq-trigger",
+    "proc/interrupts", "proc/sysrq-trigger", "proc/slabinfo", "proc/kpagecount",
+    "proc/kpageflags", "proc/kpagecgroup", "proc/vmallocinfo", "proc/pagetypeinfo",
+    "sys/kernel/vmcoreinfo",
 )
 MASKED_DIRS = ("proc/acpi", "proc/asound", "proc/scsi", "sys/firmware",
-               "sys/devices/virtual/powercap", "sys/kernel/debug", "sys/kernel/security")
+               "sys/devices/virtual/powercap", "sys/kernel/debug", "sys/kernel/security",
+               "sys/kernel/slab", "sys/kernel/tracing")
 
 _INIT_CANDIDATES = (
     "/usr/bin/catatonit", "/usr/libexec/podman/catatonit", "/usr/libexec/catatonit",
@@ -178,7 +184,7 @@ def _bind_ro(path: str, flags: int = MS_NOSUID | MS_NODEV | MS_NOEXEC) -> None:
 def _setup_proc(root: str, hideinfo: bool) -> None:
     proc = os.path.join(root, "proc")
     os.makedirs(proc, exist_ok=True)
-    opts = "hidepid=invisible,subset=pid" if hideinfo else None
+    opts = "hidepid=invisible" if hideinfo else None
     syscalls.mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
     for sub in PROC_READONLY:
         p = os.path.join(proc, sub)
@@ -262,7 +268,7 @@ def _mount_guest_tree(root: str, hideinfo: bool) -> None:
 def _mount_own_proc(hideinfo: bool) -> None:
     """chcontext without a root: the host's tree, but a /proc of the new PID namespace."""
     syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
-    opts = "hidepid=invisible,subset=pid" if hideinfo else None
+    opts = "hidepid=invisible" if hideinfo else None
     syscalls.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
 
 
@@ -580,34 +586,47 @@ def enter(
 
 def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
                  cg_fd: int | None, procs_fd: int, st_w: int) -> int:
-    """C: joins the namespaces, forks D inside them, relays and waits. Returns D's status."""
+    """C: joins the namespaces, clones D inside them, relays and waits. Returns D's status.
+
+    D never receives one of the caller's descriptors: it gets the caller's
+    own pipes (REQ.stdio), a terminal of the guest's own devpts (REQ.pty), or
+    pipes that C copies to and from the caller's stdio. A host file or
+    terminal handed into the guest would stay open in whatever the command
+    leaves running, and guest root can reopen it through /proc/PID/fd (or
+    push keystrokes into a terminal with TIOCSTI).
+    """
     step = "setns"
     try:
         syscalls.setns(init_pidfd, spec.namespaces & ~CLONE_NEWCGROUP)
-        master = slave = -1
+        routes: dict[int, int] = {}
+        feed = -1
+        child_fds: list[int] = []
         if req.pty:
             step = "pty"
             master, slave = _guest_pty()
+            req = dataclasses.replace(req, stdio=(slave, slave, slave))
+            routes, feed, child_fds = {master: 1}, master, [slave]
+        elif req.stdio is None:
+            step = "pipes"
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            req = dataclasses.replace(req, stdio=(in_r, out_w, err_w))
+            routes, feed, child_fds = {out_r: 1, err_r: 2}, in_w, [in_r, out_w, err_w]
+        else:
+            child_fds = [fd for fd in req.stdio if fd > 2]
         step = "fork"
         d = syscalls.fork_into(0, cg_fd)
         if d == 0:
-            if master >= 0:
-                os.close(master)
-            _enter_grandchild(init_pidfd, spec, req, procs_fd, st_w, slave)
-        if slave >= 0:
-            os.close(slave)
-        os.close(st_w)
-        if req.stdio is not None:
-            # Only D may hold these, so that the reader sees EOF when D is done.
-            for fd in set(req.stdio):
-                if fd > 2:
+            for fd in {*routes, feed}:
+                if fd >= 0:
                     os.close(fd)
-        if master >= 0:
-            return _relay(master, d)
-        _, status = os.waitpid(d, 0)
-        if os.WIFSIGNALED(status):
-            return 128 + os.WTERMSIG(status)
-        return os.waitstatus_to_exitcode(status)
+            _enter_grandchild(init_pidfd, spec, req, procs_fd, st_w)
+        os.close(st_w)
+        # Only D may hold its ends, so that readers see EOF when it is done.
+        for fd in set(child_fds):
+            os.close(fd)
+        return _relay(d, routes, feed, raw=req.pty)
     except BaseException as e:
         _fail(st_w, step, e)
     return 127
@@ -628,40 +647,75 @@ def _guest_pty() -> tuple[int, int]:
     return master, slave
 
 
-def _relay(master: int, child: int) -> int:
-    """Copy between our stdin/stdout and the guest terminal until the child exits."""
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write DATA to FD; False once the reader has gone."""
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except (BrokenPipeError, OSError):
+        return False
+    return True
+
+
+def _relay(child: int, routes: dict[int, int], feed: int, *, raw: bool) -> int:
+    """Copy each source to its destination in ROUTES, and our stdin into FEED,
+    until CHILD exits and what it wrote has been read; return its exit status.
+
+    The end is the child's exit (a pidfd), not EOF: a daemon the command
+    started may hold its output open for good.
+    """
     old = None
-    if os.isatty(0):
+    if raw and os.isatty(0):
         old = termios.tcgetattr(0)
         tty.setraw(0)
 
-    def winch(_sig: int, _frm: object) -> None:
-        with contextlib.suppress(OSError):
-            fcntl.ioctl(master, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
+        def winch(_sig: int, _frm: object) -> None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(feed, termios.TIOCSWINSZ,
+                            fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
 
-    signal.signal(signal.SIGWINCH, winch)
-    fds = [master, 0]
+        signal.signal(signal.SIGWINCH, winch)
+    cfd = syscalls.pidfd_open(child)
+    sources = set(routes)
+    stdin_open = feed >= 0
     try:
         while True:
+            watch = [cfd, *sources] + ([0] if stdin_open else [])
             try:
-                ready, _, _ = select.select(fds, [], [])
+                ready, _, _ = select.select(watch, [], [])
             except InterruptedError:
                 continue
-            if master in ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    break
-                os.write(1, data)
-            if 0 in ready:
-                data = os.read(0, 65536)
-                if not data:
-                    fds.remove(0)
-                else:
-                    os.write(master, data)
+            for fd in ready:
+                if fd == 0:
+                    data = os.read(0, 65536)
+                    if not data or not _write_all(feed, data):
+                        stdin_open = False
+                        if feed not in routes:
+                            os.close(feed)
+                    continue
+                if fd in sources:
+                    try:
+                        data = os.read(fd, 65536)
+                    except OSError:  # EIO: a terminal whose last user is gone
+                        data = b""
+                    if data:
+                        _write_all(routes[fd], data)
+                    else:
+                        sources.discard(fd)
+            if cfd in ready:
+                break
+        # The child is gone: take what is already written, wait for no more.
+        for fd in sources:
+            os.set_blocking(fd, False)
+            with contextlib.suppress(BlockingIOError, OSError):
+                while data := os.read(fd, 65536):
+                    _write_all(routes[fd], data)
     finally:
+        os.close(cfd)
+        for fd in {*routes, feed}:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         if old is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, old)
     _, status = os.waitpid(child, 0)
@@ -696,7 +750,7 @@ def _supplementary_groups(user: str, gid: int) -> list[int]:
 
 
 def _enter_grandchild(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
-                      procs_fd: int, st_w: int, slave: int) -> None:
+                      procs_fd: int, st_w: int) -> None:
     """D: inside the PID namespace. Never returns."""
     step = "cgroup"
     try:
@@ -708,19 +762,14 @@ def _enter_grandchild(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
         os.close(init_pidfd)
         step = "limits"
         _apply_limits(spec)
+        # Always a session of its own: whatever the command leaves running
+        # must not keep the caller's session or terminal.
+        os.setsid()
         if req.stdio is not None:
             for target, fd in enumerate(req.stdio):
                 os.dup2(fd, target)
-            # Not attached to the caller's terminal: a new session, so that
-            # daemons this starts (a runlevel script) outlive a Ctrl-C there.
-            os.setsid()
-        if slave >= 0:
-            os.setsid()
-            fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
-            for target in (0, 1, 2):
-                os.dup2(slave, target)
-            if slave > 2:
-                os.close(slave)
+        if req.pty:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         step = "user"
         env = _clean_env(req.env)
         ident = None

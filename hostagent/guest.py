@@ -616,6 +616,11 @@ def _cleanup_stale(paths: Paths, name: str, st: RunState | None) -> None:
 
 # --- status -------------------------------------------------------------------
 
+# Flags NAME.conf accepts whose enforcement comes with the resource-limits
+# work: `status` names them rather than let them look active.
+NOT_YET_ENFORCED = frozenset({"nproc", "sched", "ulimit"})
+
+
 @dataclass(frozen=True)
 class Status:
     name: str
@@ -624,16 +629,20 @@ class Status:
     processes: int = 0
     uptime: float = 0.0
     init_pid: int | None = None
+    unenforced: tuple[str, ...] = ()
 
     def text(self) -> str:
         if not self.running:
             return f"Vserver '{self.name}' is stopped"
-        return (
-            f"Vserver '{self.name}' is running\n"
-            f"Context: {self.context}\n"
-            f"Number of processes: {self.processes}\n"
-            f"Uptime: {format_uptime(self.uptime)}"
-        )
+        lines = [
+            f"Vserver '{self.name}' is running",
+            f"Context: {self.context}",
+            f"Number of processes: {self.processes}",
+            f"Uptime: {format_uptime(self.uptime)}",
+        ]
+        if self.unenforced:
+            lines.append("Flags not enforced on this host yet: " + " ".join(self.unenforced))
+        return "\n".join(lines)
 
 
 def format_uptime(seconds: float) -> str:
@@ -647,12 +656,13 @@ def format_uptime(seconds: float) -> str:
 
 def status(paths: Paths, name: str) -> Status:
     check_name(name)
-    _load_settings(paths, name)
+    s = _load_settings(paths, name)
     st = read_state(paths, name)
     if st is None or not _alive(st):
         return Status(name, False)
     return Status(name, True, st.context, len(Cgroup(st.cgroup).procs()),
-                  time.time() - st.started, st.init_pid)
+                  time.time() - st.started, st.init_pid,
+                  tuple(sorted(s.flags & NOT_YET_ENFORCED)))
 
 
 def which(program: str) -> str | None:

@@ -249,3 +249,44 @@ def test_a_guest_survives_the_process_that_started_it(vroots: Paths, busybox_gue
     code, out = run_in(vroots, "bb", "echo alive")
     assert (code, out) == (0, "alive\n")
     assert guest.stop(vroots, "bb")
+
+
+def test_status_names_flags_that_are_not_enforced_yet(vroots: Paths) -> None:
+    guest.build(vroots, "fl", guest.BuildOptions(method="busybox", flags=["lock", "nproc"]))
+    guest.start(vroots, "fl")
+    st = guest.status(vroots, "fl")
+    assert st.unenforced == ("nproc",)
+    assert "not enforced" in st.text() and "nproc" in st.text()
+
+
+def test_enter_gives_a_terminal_of_the_guests_own(vroots: Paths, started: guest.RunState) -> None:
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [*VSERVER, "bb", "enter"], os.environ.copy())
+    out = b""
+    try:
+        os.write(fd, b"tty; hostname; exit 5\n")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if not ready:
+                continue
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 5, text
+    # A pts of the guest's private devpts instance, never the caller's terminal.
+    assert "/dev/pts/0" in text
+    assert "\nbb\r\n" in text or "\nbb\n" in text

@@ -19,6 +19,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,11 +36,10 @@ class Lab:
         self.cgroup_parent = cgroup_parent
         self._started: set[str] = set()
 
-    def guest(self, name: str, **opts: object) -> str:
+    def guest(self, name: str, **opts: Any) -> str:
         """Build and start NAME once per module; OPTS are guest.BuildOptions fields."""
         if name not in self._started:
-            guest.build(self.paths, name,
-                        guest.BuildOptions(method="busybox", **opts))  # type: ignore[arg-type]
+            guest.build(self.paths, name, guest.BuildOptions(method="busybox", **opts))
             guest.start(self.paths, name)
             self._started.add(name)
         return name
