@@ -667,7 +667,9 @@ def _relay(child: int, routes: dict[int, int], feed: int, *, raw: bool) -> int:
     old = None
     if raw and os.isatty(0):
         old = termios.tcgetattr(0)
-        tty.setraw(0)
+        # TCSANOW, not setraw's default TCSAFLUSH: keystrokes typed before
+        # the guest's shell came up are kept, not thrown away.
+        tty.setraw(0, termios.TCSANOW)
 
         def winch(_sig: int, _frm: object) -> None:
             with contextlib.suppress(OSError):

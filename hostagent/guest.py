@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostagent import build as buildmod
 from hostagent import caps as capmod
 from hostagent import conf as confmod
 from hostagent import context, procfs, seccomp, syscalls
@@ -227,6 +226,9 @@ class BuildOptions:
 def build(paths: Paths, name: str, opts: BuildOptions,
           log: Callable[[str], None] = lambda _m: None) -> None:
     """vserver NAME build: validate everything, build the root, then write NAME.conf."""
+    # Imported here: tarfile, zstandard and friends cost the other verbs ~40 ms.
+    from hostagent import build as buildmod
+
     check_name(name)
     if opts.method not in buildmod.METHODS:
         raise GuestError(f"unknown build method {opts.method!r}; use one of "
@@ -273,6 +275,8 @@ def build(paths: Paths, name: str, opts: BuildOptions,
 
 def delete(paths: Paths, name: str) -> None:
     """vserver NAME delete: remove the root tree, NAME.conf and runtime state."""
+    from hostagent import build as buildmod
+
     check_name(name)
     with _locked(paths, name):
         if running(paths, name):
@@ -599,9 +603,13 @@ def _kill_guest(st: RunState) -> None:
 
 
 def _reap(st: RunState) -> None:
-    """Collect PID 1 if this process started the guest (it is then our child)."""
+    """Collect PID 1 if this process started the guest (it is then our child).
+
+    Called only once PID 1 has been killed or has died, so the wait is short;
+    for a guest some other process started, waitpid fails at once.
+    """
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(st.init_pid, os.WNOHANG)
+        os.waitpid(st.init_pid, 0)
 
 
 def _cleanup_stale(paths: Paths, name: str, st: RunState | None) -> None:

@@ -269,9 +269,12 @@ def test_enter_gives_a_terminal_of_the_guests_own(vroots: Paths, started: guest.
         os.execve(sys.executable, [*VSERVER, "bb", "enter"], os.environ.copy())
     out = b""
     try:
-        os.write(fd, b"tty; hostname; exit 5\n")
         deadline = time.monotonic() + 30
+        sent = False
         while time.monotonic() < deadline:
+            if not sent and b"# " in out:  # the guest shell's prompt
+                os.write(fd, b"tty; hostname; exit 5\n")
+                sent = True
             ready, _, _ = select.select([fd], [], [], 1)
             if not ready:
                 continue
@@ -283,7 +286,13 @@ def test_enter_gives_a_terminal_of_the_guests_own(vroots: Paths, started: guest.
                 break
             out += data
     finally:
-        _, status = os.waitpid(pid, 0)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if not done:
+            time.sleep(1)
+            done, status = os.waitpid(pid, os.WNOHANG)
+        if not done:  # never hang the suite on a shell waiting for input
+            os.kill(pid, 9)
+            _, status = os.waitpid(pid, 0)
         os.close(fd)
     text = out.decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 5, text
