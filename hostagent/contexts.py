@@ -1,9 +1,11 @@
-"""Context numbers for contexts made by chcontext (guests record theirs in NAME.ctx).
+"""Context numbers: handed out under one lock, so no two live contexts share one.
 
-The seed's kernel handed out context numbers; here the agent's run directory
-does, under a lock, so a number is never given to two live contexts. A record
-names its PID 1 and that process's start time, so the number frees itself
-when the context ends, even if whoever made it was killed.
+The seed's kernel handed out context numbers; here the run directory does.
+A number is taken by a reservation file naming a process and its start
+time, so it frees itself when that process ends, even if it was killed. A
+guest holds its reservation only while it starts: from then on its NAME.ctx
+record says which number it has. A chcontext context holds its reservation,
+naming its PID 1, for as long as it lives.
 """
 
 from __future__ import annotations
@@ -11,19 +13,28 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from hostagent import guest, procfs
-from hostagent.paths import Paths
+from hostagent import procfs
 
-__all__ = ["ContextRegistry", "find_guest_by_context"]
+__all__ = ["DYNAMIC_CONTEXTS", "ContextInUse", "ContextRegistry", "ContextsExhausted"]
+
+# The seed's static contexts are 2..49151 (S_CONTEXT); dynamic ones come after.
+DYNAMIC_CONTEXTS = range(49152, 65536)
+
+
+class ContextInUse(RuntimeError):
+    pass
+
+
+class ContextsExhausted(RuntimeError):
+    pass
 
 
 class ContextRegistry:
-    def __init__(self, rundir: Path, paths: Paths | None = None) -> None:
+    def __init__(self, rundir: Path) -> None:
         self.dir = rundir / "contexts"
-        self.paths = paths
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -35,7 +46,8 @@ class ContextRegistry:
         finally:
             os.close(fd)
 
-    def _live(self) -> set[int]:
+    def _reserved(self) -> set[int]:
+        """Numbers whose reservation still names a live process; stale ones are removed."""
         used = set()
         for p in self.dir.glob("[0-9]*"):
             try:
@@ -47,41 +59,35 @@ class ContextRegistry:
             else:
                 with contextlib.suppress(OSError):
                     p.unlink()
-        if self.paths is not None:
-            for name in self.paths.guest_names():
-                st = guest.read_state(self.paths, name)
-                if st is not None:
-                    used.add(st.context)
         return used
 
-    def allocate(self, wanted: int | None = None) -> int:
-        """Reserve a number (WANTED if free); record() must follow once PID 1 exists."""
+    def allocate(self, wanted: int | None = None, in_use: Iterable[int] = ()) -> int:
+        """Reserve WANTED, or the lowest free dynamic number, for the calling process.
+
+        IN_USE adds numbers held elsewhere (running guests' NAME.ctx records).
+        """
         with self._lock():
-            used = self._live()
+            used = self._reserved() | set(in_use)
             if wanted is not None:
                 if wanted in used:
-                    raise guest.GuestError(f"context {wanted} is in use")
+                    raise ContextInUse(f"context {wanted} is already in use")
                 n = wanted
             else:
-                n = next((c for c in guest.DYNAMIC_CONTEXTS if c not in used), 0)
+                n = next((c for c in DYNAMIC_CONTEXTS if c not in used), 0)
                 if not n:
-                    raise guest.GuestError("no free context number")
-            # Hold it with our own pid until record() names the context's PID 1.
-            (self.dir / str(n)).write_text(f"{os.getpid()} {procfs.start_time(os.getpid())}\n")
+                    raise ContextsExhausted("no free context number left")
+            self._write(n, os.getpid())
             return n
 
+    def _write(self, n: int, pid: int) -> None:
+        tmp = self.dir / f".{n}.new"
+        tmp.write_text(f"{pid} {procfs.start_time(pid)}\n")
+        os.replace(tmp, self.dir / str(n))
+
     def record(self, n: int, init_pid: int) -> None:
-        (self.dir / str(n)).write_text(f"{init_pid} {procfs.start_time(init_pid)}\n")
+        """Hand reservation N over to the context's PID 1 (it lives as long as that)."""
+        self._write(n, init_pid)
 
     def release(self, n: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.dir / str(n)).unlink()
-
-
-def find_guest_by_context(paths: Paths, ctx: int) -> str | None:
-    """The running guest whose context number is CTX, if any."""
-    for name in paths.guest_names():
-        st = guest.read_state(paths, name)
-        if st is not None and st.context == ctx and guest.running(paths, name):
-            return name
-    return None

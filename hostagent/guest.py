@@ -31,11 +31,11 @@ from hostagent import caps as capmod
 from hostagent import conf as confmod
 from hostagent import context, procfs, seccomp, syscalls
 from hostagent.cgroup import Cgroup, cgroup_of, tracking_hierarchy
+from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.names import check_name
 from hostagent.paths import Paths
 
 __all__ = [
-    "DYNAMIC_CONTEXTS",
     "GuestError",
     "Output",
     "RunState",
@@ -49,8 +49,6 @@ __all__ = [
     "stop",
 ]
 
-# The seed's static contexts are 2..49151 (S_CONTEXT); dynamic ones come after.
-DYNAMIC_CONTEXTS = range(49152, 65536)
 _SVC_RE_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._@+-")
 
 
@@ -147,7 +145,8 @@ def running(paths: Paths, name: str) -> bool:
     return st is not None and _alive(st)
 
 
-def _used_contexts(paths: Paths) -> set[int]:
+def used_contexts(paths: Paths) -> set[int]:
+    """Context numbers of the running guests."""
     used = set()
     for other in paths.guest_names():
         st = read_state(paths, other)
@@ -156,16 +155,13 @@ def _used_contexts(paths: Paths) -> set[int]:
     return used
 
 
-def _allocate_context(paths: Paths, wanted: int | None) -> int:
-    used = _used_contexts(paths)
-    if wanted is not None:
-        if wanted in used:
-            raise GuestError(f"context {wanted} is already used by a running vserver")
-        return wanted
-    for ctx in DYNAMIC_CONTEXTS:
-        if ctx not in used:
-            return ctx
-    raise GuestError("no free context id left")
+def find_guest_by_context(paths: Paths, ctx: int) -> str | None:
+    """The running guest whose context number is CTX, if any."""
+    for name in paths.guest_names():
+        st = read_state(paths, name)
+        if st is not None and st.context == ctx and _alive(st):
+            return name
+    return None
 
 
 def spec_for(paths: Paths, name: str, s: confmod.GuestSettings,
@@ -339,8 +335,14 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
         root = paths.root(name)
         if not root.is_dir():
             raise GuestError(f"{name}: root {root} does not exist; build it first")
-        ctx = _allocate_context(paths, s.context)
+        registry = ContextRegistry(paths.rundir)
+        try:
+            ctx = registry.allocate(s.context, in_use=used_contexts(paths))
+        except (ContextInUse, ContextsExhausted) as e:
+            raise GuestError(f"{name}: {e}") from e
         with contextlib.ExitStack() as undo:
+            # The reservation only covers the start: NAME.ctx holds the number after.
+            undo.callback(registry.release, ctx)
             cg = Cgroup(f"{cgroup_base()}/{name}")
             if cg.exists():
                 cg.kill()
@@ -372,7 +374,8 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
                         _say(output, f"{name}: runlevel start exited with {code}\n")
             _run_hook(paths, name, "post-start")
             undo.pop_all()
-            return st
+        registry.release(ctx)
+        return st
 
 
 def _say(output: Callable[[bytes], None] | None, text: str) -> None:

@@ -24,7 +24,7 @@ from hostagent import caps as capmod
 from hostagent import context, guest, seccomp, syscalls
 from hostagent.cgroup import Cgroup
 from hostagent.cli.capopts import apply_cap_words
-from hostagent.contexts import ContextRegistry, find_guest_by_context
+from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.paths import Paths
 
 FLAGS = ("lock", "hideinfo", "nproc", "sched", "private", "fakeinit", "ulimit")
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.ctx is not None:
             if not root:
                 raise guest.GuestError("only root may choose a context number")
-            name = find_guest_by_context(paths, a.ctx)
+            name = guest.find_guest_by_context(paths, a.ctx)
             if name is not None:
                 return guest.exec_in(paths, name, cmd)
         return _new_context(a, cmd, root, paths)
@@ -91,8 +91,11 @@ def _new_context(a: argparse.Namespace, cmd: list[str], root: bool, paths: Paths
     rundir = paths.rundir if root else _user_rundir()
     if root:
         paths.ensure()
-    reg = ContextRegistry(rundir, paths if root else None)
-    n = reg.allocate(a.ctx)
+    reg = ContextRegistry(rundir)
+    try:
+        n = reg.allocate(a.ctx, in_use=guest.used_contexts(paths) if root else ())
+    except (ContextInUse, ContextsExhausted) as e:
+        raise guest.GuestError(str(e)) from e
     cg = None
     try:
         if root:

@@ -25,6 +25,7 @@ import pytest
 
 from hostagent import caps, guest
 from hostagent.cgroup import tracking_hierarchy
+from hostagent.contexts import DYNAMIC_CONTEXTS
 from hostagent.paths import Paths
 
 BIN = Path(sys.executable).parent
@@ -100,7 +101,7 @@ def proc_status_field(stdout: str, field: str) -> str:
 def test_chcontext_prints_new_security_context_number(vroots: Paths) -> None:
     out = chcontext("true").stdout
     assert NEW_CONTEXT.fullmatch(out.strip()), out
-    assert context_number(out) in guest.DYNAMIC_CONTEXTS
+    assert context_number(out) in DYNAMIC_CONTEXTS
     assert 49152 <= context_number(out) <= 65535
 
     silent = chcontext("--silent", "true")
@@ -111,7 +112,7 @@ def test_chcontext_prints_new_security_context_number(vroots: Paths) -> None:
 def test_chcontext_context_number_is_freed_after_exit(vroots: Paths) -> None:
     first = context_number(chcontext("true").stdout)
     second = context_number(chcontext("true").stdout)
-    assert first == second == guest.DYNAMIC_CONTEXTS[0]
+    assert first == second == DYNAMIC_CONTEXTS[0]
 
     # A context still running keeps its number: `read` blocks until we write.
     with background([CHCONTEXT, "sh", "-c", "read x"], stdin=subprocess.PIPE,
@@ -124,7 +125,7 @@ def test_chcontext_context_number_is_freed_after_exit(vroots: Paths) -> None:
         held.stdin.close()
         assert held.wait(timeout=30) == 0
     # ...and gives it back once it is gone.
-    assert context_number(chcontext("true").stdout) == held_n == guest.DYNAMIC_CONTEXTS[0]
+    assert context_number(chcontext("true").stdout) == held_n == DYNAMIC_CONTEXTS[0]
 
 
 def test_chcontext_concurrent_runs_get_different_numbers(vroots: Paths) -> None:

@@ -299,3 +299,18 @@ def test_enter_gives_a_terminal_of_the_guests_own(vroots: Paths, started: guest.
     # A pts of the guest's private devpts instance, never the caller's terminal.
     assert "/dev/pts/0" in text
     assert "\nbb\r\n" in text or "\nbb\n" in text
+
+
+def test_guests_started_at_once_get_different_contexts(vroots: Paths) -> None:
+    names = [f"par{i}" for i in range(4)]
+    for name in names:
+        guest.build(vroots, name, guest.BuildOptions(method="busybox"))
+    procs = [subprocess.Popen([*VSERVER, name, "start"], env=os.environ.copy(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name in names]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    contexts = {guest.status(vroots, name).context for name in names}
+    assert len(contexts) == len(names)
+    assert list((vroots.rundir / "contexts").glob("[0-9]*")) == []
