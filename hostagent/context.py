@@ -647,23 +647,81 @@ def _guest_pty() -> tuple[int, int]:
     return master, slave
 
 
-def _write_all(fd: int, data: bytes) -> bool:
-    """Write DATA to FD; False once the reader has gone."""
+def copy_until_exit(pid: int, sinks: dict[int, Callable[[bytes], None]],
+                    feed: int = -1) -> None:
+    """Until PID exits, hand what each fd in SINKS yields to its sink and copy
+    our stdin into FEED; then take what is already written and stop.
+
+    The end is PID's exit (seen through a pidfd), not EOF: a daemon the
+    command started may keep its output open for good. FEED is written
+    without blocking, so a command that neither reads its input nor stops
+    writing its output cannot deadlock against us.
+    """
+    cfd = syscalls.pidfd_open(pid)
+    sources = set(sinks)
+    pending = b""
+    reading_stdin = feed >= 0
+    close_feed = False  # our stdin ended: close FEED once PENDING is written
+    if feed >= 0:
+        os.set_blocking(feed, False)
     try:
-        while data:
-            data = data[os.write(fd, data):]
-    except (BrokenPipeError, OSError):
-        return False
-    return True
+        while True:
+            rlist = [cfd, *sources] + ([0] if reading_stdin and not pending else [])
+            wlist = [feed] if pending else []
+            try:
+                ready, writable, _ = select.select(rlist, wlist, [])
+            except InterruptedError:
+                continue
+            if writable:
+                try:
+                    pending = pending[os.write(feed, pending):]
+                except BlockingIOError:
+                    pass
+                except OSError:  # the reader is gone
+                    pending, reading_stdin = b"", False
+            for fd in ready:
+                if fd == 0:
+                    pending = os.read(0, 65536)
+                    if not pending:
+                        reading_stdin = False
+                        # A terminal (FEED is also a source) is not closed on
+                        # our EOF; a pipe is, so the command sees its end.
+                        close_feed = feed not in sources
+                elif fd in sources:
+                    try:
+                        data = os.read(fd, 65536)
+                    except OSError:  # EIO: a terminal whose last user is gone
+                        data = b""
+                    if data:
+                        sinks[fd](data)
+                    else:
+                        sources.discard(fd)
+            if close_feed and not pending and feed >= 0 and feed not in sources:
+                os.close(feed)
+                feed, close_feed = -1, False
+            if cfd in ready:
+                break
+        for fd in sources:
+            os.set_blocking(fd, False)
+            with contextlib.suppress(BlockingIOError, OSError):
+                while data := os.read(fd, 65536):
+                    sinks[fd](data)
+    finally:
+        os.close(cfd)
+
+
+def _writer(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        with contextlib.suppress(OSError):  # our own reader went away
+            while data:
+                data = data[os.write(fd, data):]
+
+    return write
 
 
 def _relay(child: int, routes: dict[int, int], feed: int, *, raw: bool) -> int:
-    """Copy each source to its destination in ROUTES, and our stdin into FEED,
-    until CHILD exits and what it wrote has been read; return its exit status.
-
-    The end is the child's exit (a pidfd), not EOF: a daemon the command
-    started may hold its output open for good.
-    """
+    """C's side of an exec: copy ROUTES (source fd -> our fd) and our stdin
+    into FEED until CHILD exits; return its exit status."""
     old = None
     if raw and os.isatty(0):
         old = termios.tcgetattr(0)
@@ -677,43 +735,9 @@ def _relay(child: int, routes: dict[int, int], feed: int, *, raw: bool) -> int:
                             fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
 
         signal.signal(signal.SIGWINCH, winch)
-    cfd = syscalls.pidfd_open(child)
-    sources = set(routes)
-    stdin_open = feed >= 0
     try:
-        while True:
-            watch = [cfd, *sources] + ([0] if stdin_open else [])
-            try:
-                ready, _, _ = select.select(watch, [], [])
-            except InterruptedError:
-                continue
-            for fd in ready:
-                if fd == 0:
-                    data = os.read(0, 65536)
-                    if not data or not _write_all(feed, data):
-                        stdin_open = False
-                        if feed not in routes:
-                            os.close(feed)
-                    continue
-                if fd in sources:
-                    try:
-                        data = os.read(fd, 65536)
-                    except OSError:  # EIO: a terminal whose last user is gone
-                        data = b""
-                    if data:
-                        _write_all(routes[fd], data)
-                    else:
-                        sources.discard(fd)
-            if cfd in ready:
-                break
-        # The child is gone: take what is already written, wait for no more.
-        for fd in sources:
-            os.set_blocking(fd, False)
-            with contextlib.suppress(BlockingIOError, OSError):
-                while data := os.read(fd, 65536):
-                    _write_all(routes[fd], data)
+        copy_until_exit(child, {src: _writer(dst) for src, dst in routes.items()}, feed)
     finally:
-        os.close(cfd)
         for fd in {*routes, feed}:
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -804,4 +828,4 @@ def stdio_is_tty() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
-__all__ += ["EnterRequest", "init_binary", "stdio_is_tty"]
+__all__ += ["EnterRequest", "copy_until_exit", "init_binary", "stdio_is_tty"]

@@ -18,8 +18,6 @@ import contextlib
 import dataclasses
 import fcntl
 import os
-import select
-import shutil
 import signal
 import subprocess
 import time
@@ -325,7 +323,7 @@ def _rc_argv(root: Path, level: int) -> list[str] | None:
 
 
 def start(paths: Paths, name: str, *, fail_at: str | None = None,
-          output: Callable[[bytes], None] | None = None) -> RunState:
+          output: Output = None) -> RunState:
     """vserver NAME start. Every step unwinds if a later one fails."""
     check_name(name)
     with _locked(paths, name):
@@ -378,7 +376,7 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
         return st
 
 
-def _say(output: Callable[[bytes], None] | None, text: str) -> None:
+def _say(output: Output, text: str) -> None:
     if output is not None:
         output(text.encode())
 
@@ -398,7 +396,7 @@ def _destroy_cgroup(cg: Cgroup) -> None:
 # --- enter, exec ---------------------------------------------------------------
 
 def _enter(st: RunState, spec: context.ContextSpec, req: context.EnterRequest,
-           output: Callable[[bytes], None] | None = None) -> int:
+           output: Output = None) -> int:
     """Run REQ in the guest; with OUTPUT, its stdout+stderr go there, stdin is empty."""
     pidfd = syscalls.pidfd_open(st.init_pid)
     try:
@@ -415,7 +413,7 @@ def _enter(st: RunState, spec: context.ContextSpec, req: context.EnterRequest,
             for fd in (w, null):
                 os.close(fd)
                 open_fds.remove(fd)
-            _pump(r, pid, output)
+            context.copy_until_exit(pid, {r: output})
 
         try:
             req = dataclasses.replace(req, stdio=(null, w, w))
@@ -425,30 +423,6 @@ def _enter(st: RunState, spec: context.ContextSpec, req: context.EnterRequest,
                 os.close(fd)
     finally:
         os.close(pidfd)
-
-
-def _pump(r: int, pid: int, output: Callable[[bytes], None]) -> None:
-    """Copy R to OUTPUT until PID exits (daemons may keep the pipe open after)."""
-    cfd = syscalls.pidfd_open(pid)
-    try:
-        while True:
-            ready, _, _ = select.select([r, cfd], [], [])
-            if r in ready:
-                data = os.read(r, 65536)
-                if data:
-                    output(data)
-                    continue
-                break
-            if cfd in ready:
-                # Drain what is already there without waiting for a writer
-                # that may never close its end.
-                os.set_blocking(r, False)
-                with contextlib.suppress(BlockingIOError):
-                    while data := os.read(r, 65536):
-                        output(data)
-                break
-    finally:
-        os.close(cfd)
 
 
 def _running_state(paths: Paths, name: str) -> tuple[RunState, confmod.GuestSettings]:
@@ -466,7 +440,7 @@ def _refuse_private(name: str, s: confmod.GuestSettings, what: str) -> None:
 
 
 def exec_in(paths: Paths, name: str, argv: Sequence[str], *, user: str | None = None,
-            tty: bool = False, output: Callable[[bytes], None] | None = None) -> int:
+            tty: bool = False, output: Output = None) -> int:
     """vserver NAME exec / suexec / enter: run ARGV inside, return its exit status."""
     if not argv:
         raise GuestError("no command given")
@@ -489,7 +463,7 @@ def enter_shell(paths: Paths, name: str) -> int:
 
 
 def service(paths: Paths, name: str, svc: str, action: str,
-            output: Callable[[bytes], None] | None = None) -> int:
+            output: Output = None) -> int:
     """vserver NAME service SVC ACTION: the guest's own init script."""
     if not svc or not set(svc) <= _SVC_RE_CHARS or svc.startswith("."):
         raise GuestError(f"invalid service name {svc!r}")
@@ -535,7 +509,7 @@ def _wait_only_init(st: RunState, timeout: float) -> bool:
 
 
 def stop(paths: Paths, name: str, *, timeout: float | None = None,
-         output: Callable[[bytes], None] | None = None) -> bool:
+         output: Output = None) -> bool:
     """vserver NAME stop. Return False if it was not running.
 
     As in the seed: the guest's own shutdown (runlevel 0, or its init told to
@@ -567,7 +541,7 @@ def stop(paths: Paths, name: str, *, timeout: float | None = None,
 
 
 def _shutdown(paths: Paths, name: str, st: RunState, spec: context.ContextSpec,
-              grace: float, output: Callable[[bytes], None] | None) -> None:
+              grace: float, output: Output) -> None:
     root = paths.root(name)
     if spec.fakeinit:
         for cmd in ("/sbin/poweroff", "/sbin/halt"):
@@ -674,7 +648,3 @@ def status(paths: Paths, name: str) -> Status:
     return Status(name, True, st.context, len(Cgroup(st.cgroup).procs()),
                   time.time() - st.started, st.init_pid,
                   tuple(sorted(s.flags & NOT_YET_ENFORCED)))
-
-
-def which(program: str) -> str | None:
-    return shutil.which(program)

@@ -314,3 +314,14 @@ def test_guests_started_at_once_get_different_contexts(vroots: Paths) -> None:
     contexts = {guest.status(vroots, name).context for name in names}
     assert len(contexts) == len(names)
     assert list((vroots.rundir / "contexts").glob("[0-9]*")) == []
+
+
+def test_exec_copies_stdin_and_output_in_both_directions(vroots: Paths,
+                                                        started: guest.RunState) -> None:
+    data = os.urandom(300_000).hex()  # more than a pipe holds, both ways
+    res = subprocess.run([*VSERVER, "bb", "exec", "sh", "-c", "sleep 0.2; cat; echo err >&2"],
+                         input=data, capture_output=True, text=True, timeout=60,
+                         env=os.environ.copy(), check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == data
+    assert res.stderr == "err\n"
