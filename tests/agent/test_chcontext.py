@@ -27,23 +27,13 @@ from hostagent import caps, guest
 from hostagent.cgroup import tracking_hierarchy
 from hostagent.contexts import DYNAMIC_CONTEXTS
 from hostagent.paths import Paths
+from tests.helpers import run
 
 BIN = Path(sys.executable).parent
 CHCONTEXT = str(BIN / "chcontext")
 NEW_CONTEXT = re.compile(r"^New security context is (\d+)$", re.MULTILINE)
 NOBODY = 65534
 SETPRIV_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-
-
-def run(args: list[str], *, check_rc: int | None = 0, timeout: float = 60,
-        **kw: object) -> subprocess.CompletedProcess[str]:
-    kw.setdefault("env", os.environ.copy())
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kw)
-    if check_rc is not None:
-        assert proc.returncode == check_rc, (
-            f"{args!r} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    return proc
 
 
 def chcontext(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:

@@ -19,23 +19,13 @@ from pathlib import Path
 import pytest
 
 from hostagent import caps
+from tests.helpers import run
 
 BIN = Path(sys.executable).parent
 REDUCECAP = str(BIN / "reducecap")
 NOBODY = 65534
 SETPRIV_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 STATUS_CAPS = "grep -E '^Cap(Bnd|Eff|Prm):' /proc/self/status"
-
-
-def run(args: list[str], *, check_rc: int | None = 0,
-        **kw: object) -> subprocess.CompletedProcess[str]:
-    kw.setdefault("env", os.environ.copy())
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, **kw)
-    if check_rc is not None:
-        assert proc.returncode == check_rc, (
-            f"{args!r} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        )
-    return proc
 
 
 def reducecap(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
