@@ -35,6 +35,8 @@ __all__ = [
     "ConfigError",
     "GuestConf",
     "GuestSettings",
+    "IpToken",
+    "parse_ip_token",
     "render_new",
     "settings",
     "settings_from_file",
@@ -477,11 +479,21 @@ def _valid_ipv4_mask(text: str) -> bool:
     return inverse & (inverse + 1) == 0
 
 
-def _check_ip_token(token: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address of one IPROOT token, or ValueError saying what is wrong."""
+@dataclass(frozen=True)
+class IpToken:
+    """One IPROOT word: [DEV:]ADDR[/PREFIX|/DOTTEDMASK]."""
+
+    dev: str | None
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    prefixlen: int | None  # None: take IPROOTMASK or the device's
+
+
+def parse_ip_token(token: str) -> IpToken:
+    """Parse one IPROOT word, or raise ValueError saying what is wrong."""
     addr_text, slash, suffix = token.partition("/")
     if "%" in addr_text:
         raise ValueError(f"{token!r}: a zone index (%...) is not allowed")
+    dev: str | None = None
     try:
         addr = ipaddress.ip_address(addr_text)
     except ValueError:
@@ -498,13 +510,22 @@ def _check_ip_token(token: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address
             addr = ipaddress.ip_address(rest)
         except ValueError:
             raise ValueError(f"{token!r}: {rest!r} is not an IPv4 or IPv6 address") from None
+    prefixlen: int | None = None
     if slash:
         if re.fullmatch(r"[0-9]{1,3}", suffix):
-            if int(suffix) > addr.max_prefixlen:
+            prefixlen = int(suffix)
+            if prefixlen > addr.max_prefixlen:
                 raise ValueError(f"{token!r}: prefix length {suffix} is above {addr.max_prefixlen}")
-        elif addr.version != 4 or not _valid_ipv4_mask(suffix):
+        elif addr.version == 4 and _valid_ipv4_mask(suffix):
+            prefixlen = ipaddress.IPv4Network(f"0.0.0.0/{suffix}").prefixlen
+        else:
             raise ValueError(f"{token!r}: {suffix!r} is not a prefix length or netmask")
-    return addr
+    return IpToken(dev, addr, prefixlen)
+
+
+def _check_ip_token(token: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address of one IPROOT token, or ValueError saying what is wrong."""
+    return parse_ip_token(token).address
 
 
 class _Reader:

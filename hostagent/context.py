@@ -366,7 +366,7 @@ def _write_uid_map(pid: int, uid: int, gid: int) -> None:
 
 
 def _init_child(spec: ContextSpec, argv: Sequence[str] | None, pipe_w: int,
-                keep_fds: Sequence[int], fail_at: str | None) -> None:
+                keep_fds: Sequence[int], fail_at: str | None, go_r: int = -1) -> None:
     """B: PID 1 of the new namespace. Never returns."""
     step = "mounts"
     try:
@@ -402,9 +402,14 @@ def _init_child(spec: ContextSpec, argv: Sequence[str] | None, pipe_w: int,
         init_fd = _sealed_init() if use_small_init else -1
         if argv is None:
             _stdio_devnull()
-        _close_all_but([pipe_w, *keep_fds, *([init_fd] if init_fd >= 0 else [])])
+        _close_all_but([pipe_w, go_r, *keep_fds, *([init_fd] if init_fd >= 0 else [])])
         checkpoint("ceiling")
         _apply_ceiling(spec)
+        if go_r >= 0:
+            checkpoint("network")
+            if os.read(go_r, 1) != b"1":
+                raise OSError(0, "the caller gave up before the network was ready")
+            os.close(go_r)
         checkpoint("exec")
         if argv is None:
             env = _clean_env()
@@ -439,12 +444,16 @@ def launch_init(
     *,
     fail_at: str | None = None,
     keep_fds: Sequence[int] = (0, 1, 2),
+    configure: Callable[[int, int], None] | None = None,
 ) -> int:
     """Create the context and run its PID 1; return PID 1's host pid.
 
     ARGV None: the guest's init (its own /sbin/init with fakeinit, else the
     small static init in pause mode). ARGV given: run it under the small init
     as a foreground command (chcontext); the caller waits for the pid.
+    CONFIGURE(pidfd, pid), if given, runs in the caller while the new PID 1
+    sets itself up, and PID 1 waits for it before its exec: this is where the
+    guest's network is built, so that its init never runs without it.
     Raises LaunchError naming the failed step; nothing is left behind then.
     """
     _prepare(spec)
@@ -452,6 +461,7 @@ def launch_init(
         _sealed_init()  # fail here, with a clear message, if the init is missing
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC) if spec.userns else (-1, -1)
+    go_r, go_w = os.pipe2(os.O_CLOEXEC) if configure is not None else (-1, -1)
     flags = spec.namespaces & ~CLONE_NEWCGROUP
     if spec.userns:
         flags |= syscalls.CLONE_NEWUSER
@@ -459,7 +469,7 @@ def launch_init(
     try:
         pid = syscalls.fork_into(flags, cg_fd)
     except OSError as e:
-        for fd in (st_r, st_w, sync_r, sync_w, -1 if cg_fd is None else cg_fd):
+        for fd in (st_r, st_w, sync_r, sync_w, go_r, go_w, -1 if cg_fd is None else cg_fd):
             if fd >= 0:
                 os.close(fd)
         raise LaunchError("clone3", str(e)) from e
@@ -468,6 +478,8 @@ def launch_init(
         step = "cgroup"
         try:
             os.close(st_r)
+            if go_w >= 0:
+                os.close(go_w)
             if spec.userns:
                 # The id map must be written from outside the new user
                 # namespace: wait until the parent has done it.
@@ -484,8 +496,10 @@ def launch_init(
                 syscalls.unshare(CLONE_NEWCGROUP)
         except BaseException as e:
             _fail(st_w, step, e)
-        _init_child(spec, argv, st_w, keep_fds, fail_at)
+        _init_child(spec, argv, st_w, keep_fds, fail_at, go_r)
     os.close(st_w)
+    if go_r >= 0:
+        os.close(go_r)
     if cg_fd is not None:
         os.close(cg_fd)
     if spec.userns:
@@ -499,12 +513,27 @@ def launch_init(
             raise LaunchError("userns", str(e)) from e
         finally:
             os.close(sync_w)
+    config_error: BaseException | None = None
+    if configure is not None:
+        pidfd = syscalls.pidfd_open(pid)
+        try:
+            configure(pidfd, pid)
+            os.write(go_w, b"1")
+        except BaseException as e:
+            config_error = e
+            _reap_failed(pid)
+        finally:
+            os.close(pidfd)
+            os.close(go_w)
     with os.fdopen(st_r, "rb") as f:
         report = f.read()
     if report.startswith(_STEP_PREFIX):
+        # PID 1's own failure is the cause even if CONFIGURE failed after it.
         _reap_failed(pid)
         step, _, msg = report[len(_STEP_PREFIX):].decode(errors="replace").partition(": ")
         raise LaunchError(step, msg)
+    if config_error is not None:
+        raise LaunchError("network", str(config_error)) from config_error
     return pid
 
 

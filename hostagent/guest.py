@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hostagent import caps as capmod
 from hostagent import conf as confmod
-from hostagent import context, procfs, seccomp, syscalls
+from hostagent import context, netns, procfs, seccomp, syscalls
 from hostagent.cgroup import Cgroup, cgroup_of, tracking_hierarchy
 from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.names import check_name
@@ -66,11 +66,15 @@ class RunState:
     started: float  # time.time() at start
     cgroup: str  # relative path in the tracking hierarchy
     namespaces: int
+    host_if: str = ""  # the host end of its veth pair, if it has addresses
+    proxy6: tuple[tuple[str, str], ...] = ()  # (uplink, address) proxy NDP entries to remove
 
     def dump(self) -> str:
+        proxy6 = ",".join(f"{dev}/{addr}" for dev, addr in self.proxy6)
         return (
             f"S_CONTEXT={self.context}\nINIT_PID={self.init_pid}\nINIT_START={self.init_start}\n"
             f"STARTED={self.started:.3f}\nCGROUP={self.cgroup}\nNAMESPACES={self.namespaces}\n"
+            f"HOST_IF={self.host_if}\nPROXY6={proxy6}\n"
         )
 
     @classmethod
@@ -84,6 +88,11 @@ class RunState:
             started=float(kv["STARTED"]),
             cgroup=kv["CGROUP"],
             namespaces=int(kv.get("NAMESPACES", context.GUEST_NAMESPACES)),
+            host_if=kv.get("HOST_IF", ""),
+            proxy6=tuple(
+                (dev, addr) for dev, _, addr in
+                (item.partition("/") for item in kv.get("PROXY6", "").split(",") if item)
+            ),
         )
 
 
@@ -160,6 +169,32 @@ def find_guest_by_context(paths: Paths, ctx: int) -> str | None:
         if st is not None and st.context == ctx and _alive(st):
             return name
     return None
+
+
+def addresses_of_other_guests(paths: Paths, name: str) -> dict[netns.Addr, str]:
+    """Every IPROOT address another guest's NAME.conf names, with that guest's name."""
+    held: dict[netns.Addr, str] = {}
+    for other in paths.guest_names():
+        if other == name:
+            continue
+        try:
+            s = confmod.settings_from_file(paths.conf(other))
+        except (confmod.ConfigError, OSError):
+            continue
+        for token in s.iproot:
+            held[confmod.parse_ip_token(token).address] = other
+    return held
+
+
+def _check_addresses_free(paths: Paths, name: str, tokens: Sequence[str]) -> None:
+    wanted = [confmod.parse_ip_token(t).address for t in tokens]
+    if not wanted:
+        return
+    with netns.IPRoute() as ipr:
+        try:
+            netns.check_free(wanted, addresses_of_other_guests(paths, name), ipr)
+        except netns.NetworkError as e:
+            raise GuestError(f"{name}: {e}") from e
 
 
 def spec_for(paths: Paths, name: str, s: confmod.GuestSettings,
@@ -250,6 +285,7 @@ def build(paths: Paths, name: str, opts: BuildOptions,
             confmod.settings(confmod.GuestConf.parse(text, str(conf_path)))
         except (confmod.ConfigError, capmod.CapabilityError, ValueError) as e:
             raise GuestError(str(e)) from e
+        _check_addresses_free(paths, name, opts.ips)
         try:
             buildmod.build_root(root, opts.method, opts.source, log=log)
         except buildmod.BuildError as e:
@@ -350,12 +386,20 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
             undo.callback(_destroy_cgroup, cg)
             _run_hook(paths, name, "pre-start")
             spec = spec_for(paths, name, s, cg)
+            net = _net_plan(paths, name, s, spec)
+            configure = None
+            if net is not None:
+                def configure(pidfd: int, pid: int, plan: netns.NetPlan = net) -> None:
+                    netns.setup(plan, pidfd, pid)
             try:
-                init_pid = context.launch_init(spec, fail_at=fail_at)
+                init_pid = context.launch_init(spec, fail_at=fail_at, configure=configure)
             except context.LaunchError as e:
                 raise GuestError(f"{name}: start failed at {e}") from e
+            if net is not None:
+                undo.callback(netns.teardown, net.proxy6())
             st = RunState(name, ctx, init_pid, procfs.start_time(init_pid) or 0, time.time(),
-                          cg.relpath, spec.namespaces)
+                          cg.relpath, spec.namespaces,
+                          net.host_if if net else "", net.proxy6() if net else ())
             tmp = paths.state(name).with_suffix(".new")
             tmp.write_text(st.dump())
             os.replace(tmp, paths.state(name))
@@ -374,6 +418,21 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
             undo.pop_all()
         registry.release(ctx)
         return st
+
+
+def _net_plan(paths: Paths, name: str, s: confmod.GuestSettings,
+              spec: context.ContextSpec) -> netns.NetPlan | None:
+    """The guest's addresses resolved on this host, checked free; None: nothing to set up."""
+    if not spec.namespaces & syscalls.CLONE_NEWNET or not s.iproot:
+        return None
+    with netns.IPRoute() as ipr:
+        try:
+            net = netns.plan(name, s, ipr)
+            netns.check_free([a.ip for a in net.addresses],
+                             addresses_of_other_guests(paths, name), ipr)
+        except netns.NetworkError as e:
+            raise GuestError(f"{name}: {e}") from e
+    return net
 
 
 def _say(output: Output, text: str) -> None:
@@ -535,6 +594,7 @@ def stop(paths: Paths, name: str, *, timeout: float | None = None,
                     _wait_only_init(st, grace)
         finally:
             _kill_guest(st)
+            netns.teardown(st.proxy6)
             _unlink(paths.state(name))
         _run_hook(paths, name, "post-stop")
         return True
@@ -596,6 +656,7 @@ def _cleanup_stale(paths: Paths, name: str, st: RunState | None) -> None:
         _destroy_cgroup(cg)
     if st is not None:
         _reap(st)
+        netns.teardown(st.proxy6)
     _unlink(paths.state(name))
 
 

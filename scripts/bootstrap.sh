@@ -10,6 +10,7 @@ DEB_PACKAGES=(
   catatonit        # the small static PID 1 of guests without the fakeinit flag
   libseccomp2      # seccomp filters, loaded through cffi
   iproute2 procps util-linux
+  nftables         # the host-wide rule that drops packets with a forged guest source
   debootstrap      # the 'debootstrap' build method
   python3-venv
 )
