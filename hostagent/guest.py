@@ -428,6 +428,12 @@ def _net_plan(paths: Paths, name: str, s: confmod.GuestSettings,
     with netns.IPRoute() as ipr:
         try:
             net = netns.plan(name, s, ipr)
+            for other in paths.guest_names():
+                ost = read_state(paths, other)
+                if other != name and ost is not None and ost.host_if == net.host_if \
+                        and _alive(ost):
+                    raise netns.NetworkError(
+                        f"host device {net.host_if} is already vserver {other}'s")
             netns.check_free([a.ip for a in net.addresses],
                              addresses_of_other_guests(paths, name), ipr)
         except netns.NetworkError as e:
@@ -676,6 +682,8 @@ class Status:
     uptime: float = 0.0
     init_pid: int | None = None
     unenforced: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
+    shared_network: bool = False  # IPROOT="ALL": the seed's unrestricted guest
 
     def text(self) -> str:
         if not self.running:
@@ -686,6 +694,10 @@ class Status:
             f"Number of processes: {self.processes}",
             f"Uptime: {format_uptime(self.uptime)}",
         ]
+        if self.shared_network:
+            lines.append("Network: the host's own (IPROOT=ALL, unrestricted)")
+        else:
+            lines.append("Addresses: " + (" ".join(self.addresses) or "none (lo only)"))
         if self.unenforced:
             lines.append("Flags not enforced on this host yet: " + " ".join(self.unenforced))
         return "\n".join(lines)
@@ -708,4 +720,6 @@ def status(paths: Paths, name: str) -> Status:
         return Status(name, False)
     return Status(name, True, st.context, len(Cgroup(st.cgroup).procs()),
                   time.time() - st.started, st.init_pid,
-                  tuple(sorted(s.flags & NOT_YET_ENFORCED)))
+                  tuple(sorted(s.flags & NOT_YET_ENFORCED)),
+                  tuple(str(confmod.parse_ip_token(t).address) for t in s.iproot),
+                  s.iproot_unrestricted)

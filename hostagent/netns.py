@@ -32,7 +32,9 @@ import hashlib
 import ipaddress
 import os
 import shutil
+import socket
 import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,11 +224,18 @@ def in_netns_of(pidfd: int) -> Iterator[None]:
 
 
 _nft_done: set[int] = set()
+SO_NETNS_COOKIE = 71  # include/uapi/asm-generic/socket.h (Linux 5.14)
+
+
+def _netns_cookie() -> int:
+    """An id of the calling thread's network namespace that is never reused (unlike its inode)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sk:
+        return int.from_bytes(sk.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
 
 def _ensure_source_filter() -> None:
     """Load the host-wide anti-spoofing rule once per network namespace and process."""
-    ns = os.stat("/proc/thread-self/ns/net").st_ino
+    ns = _netns_cookie()
     if ns in _nft_done:
         return
     nft = shutil.which("nft") or "/usr/sbin/nft"
@@ -270,7 +279,7 @@ def _setup_host(p: NetPlan, pid: int, ipr: IPRoute) -> None:
         else:
             _sysctl(f"net/ipv6/conf/{a.uplink}/proxy_ndp", "1")
             _sysctl(f"net/ipv6/neigh/{a.uplink}/proxy_delay", "0")
-    if ipr.link_lookup(ifname=p.host_if):
+    if ipr.link_lookup(ifname=p.host_if) and not _wait_gone(ipr, p.host_if):
         raise NetworkError(f"a device named {p.host_if} already exists on the host")
     try:
         ipr.link("add", ifname=p.host_if, kind="veth",
@@ -290,6 +299,17 @@ def _setup_host(p: NetPlan, pid: int, ipr: IPRoute) -> None:
         if a.ip.version == 6:
             uplink = ipr.link_lookup(ifname=a.uplink)[0]
             ipr.neigh("add", dst=str(a.ip), ifindex=uplink, flags=NTF_PROXY)
+
+
+def _wait_gone(ipr: IPRoute, ifname: str, timeout: float = 2.0) -> bool:
+    """Wait for IFNAME to vanish: the host end of this guest's previous run, whose
+    namespace the kernel is still taking down (a restart comes right after a stop)."""
+    deadline = time.monotonic() + timeout
+    while ipr.link_lookup(ifname=ifname):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _setup_guest(p: NetPlan, pidfd: int) -> None:
