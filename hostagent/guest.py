@@ -386,11 +386,12 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
             undo.callback(_destroy_cgroup, cg)
             _run_hook(paths, name, "pre-start")
             spec = spec_for(paths, name, s, cg)
-            net = _net_plan(paths, name, s, spec)
+            ipr = undo.enter_context(netns.IPRoute())
+            net = _net_plan(paths, name, s, spec, ipr)
             configure = None
             if net is not None:
                 def configure(pidfd: int, pid: int, plan: netns.NetPlan = net) -> None:
-                    netns.setup(plan, pidfd, pid)
+                    netns.setup(plan, pidfd, pid, ipr)
             try:
                 init_pid = context.launch_init(spec, fail_at=fail_at, configure=configure)
             except context.LaunchError as e:
@@ -421,23 +422,22 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
 
 
 def _net_plan(paths: Paths, name: str, s: confmod.GuestSettings,
-              spec: context.ContextSpec) -> netns.NetPlan | None:
+              spec: context.ContextSpec, ipr: netns.IPRoute) -> netns.NetPlan | None:
     """The guest's addresses resolved on this host, checked free; None: nothing to set up."""
     if not spec.namespaces & syscalls.CLONE_NEWNET or not s.iproot:
         return None
-    with netns.IPRoute() as ipr:
-        try:
-            net = netns.plan(name, s, ipr)
-            for other in paths.guest_names():
-                ost = read_state(paths, other)
-                if other != name and ost is not None and ost.host_if == net.host_if \
-                        and _alive(ost):
-                    raise netns.NetworkError(
-                        f"host device {net.host_if} is already vserver {other}'s")
-            netns.check_free([a.ip for a in net.addresses],
-                             addresses_of_other_guests(paths, name), ipr)
-        except netns.NetworkError as e:
-            raise GuestError(f"{name}: {e}") from e
+    try:
+        net = netns.plan(name, s, ipr)
+        for other in paths.guest_names():
+            ost = read_state(paths, other)
+            if other != name and ost is not None and ost.host_if == net.host_if \
+                    and _alive(ost):
+                raise netns.NetworkError(
+                    f"host device {net.host_if} is already vserver {other}'s")
+        netns.check_free([a.ip for a in net.addresses],
+                         addresses_of_other_guests(paths, name), ipr)
+    except netns.NetworkError as e:
+        raise GuestError(f"{name}: {e}") from e
     return net
 
 

@@ -123,12 +123,24 @@ def host_ifname(name: str) -> str:
 
 # --- planning: what the guest gets, validated against the host ------------------
 
+def _ifindex(ifname: str) -> int | None:
+    """The index of IFNAME in the calling thread's network namespace, or None.
+
+    An ioctl (SIOCGIFINDEX): microseconds, where a netlink RTM_GETLINK costs
+    milliseconds of parsing in pyroute2 and link_lookup() dumps every link.
+    """
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        return None
+
+
 def _device_addrs(ipr: IPRoute, ifname: str) -> list[tuple[Iface, str | None]]:
-    idx = ipr.link_lookup(ifname=ifname)
-    if not idx:
+    idx = _ifindex(ifname)
+    if idx is None:
         return []
     out: list[tuple[Iface, str | None]] = []
-    for msg in ipr.get_addr(index=idx[0]):
+    for msg in ipr.get_addr(index=idx):
         addr = msg.get_attr("IFA_ADDRESS")
         out.append((ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}"),
                     msg.get_attr("IFA_BROADCAST")))
@@ -150,7 +162,7 @@ def plan(name: str, s: GuestSettings, ipr: IPRoute) -> NetPlan:
         if not uplink:
             raise NetworkError(
                 f"IPROOT address {t.address} has no device: set IPROOTDEV or write DEV:{t.address}")
-        if not ipr.link_lookup(ifname=uplink):
+        if _ifindex(uplink) is None:
             raise NetworkError(f"IPROOT device {uplink!r} does not exist on this host")
         dev_addrs = _device_addrs(ipr, uplink)
         same_family = [(i, b) for i, b in dev_addrs
@@ -249,12 +261,16 @@ def _ensure_source_filter() -> None:
     _nft_done.add(ns)
 
 
-def setup(p: NetPlan, pidfd: int, pid: int) -> None:
+def setup(p: NetPlan, pidfd: int, pid: int, ipr: IPRoute | None = None) -> None:
     """Give the guest whose PID 1 is PID (PIDFD) its network. Undo with teardown().
 
-    On failure everything made so far is removed before the error is raised.
+    IPR is a netlink socket in the host's namespace to reuse (making one costs
+    a few milliseconds of pyroute2 set-up). On failure everything made so far
+    is removed before the error is raised.
     """
-    with IPRoute() as ipr:
+    with contextlib.ExitStack() as stack:
+        if ipr is None:
+            ipr = stack.enter_context(IPRoute())
         try:
             _setup_host(p, pid, ipr)
             _setup_guest(p, pidfd)
@@ -279,14 +295,16 @@ def _setup_host(p: NetPlan, pid: int, ipr: IPRoute) -> None:
         else:
             _sysctl(f"net/ipv6/conf/{a.uplink}/proxy_ndp", "1")
             _sysctl(f"net/ipv6/neigh/{a.uplink}/proxy_delay", "0")
-    if ipr.link_lookup(ifname=p.host_if) and not _wait_gone(ipr, p.host_if):
+    if _ifindex(p.host_if) is not None and not _wait_gone(ipr, p.host_if):
         raise NetworkError(f"a device named {p.host_if} already exists on the host")
     try:
         ipr.link("add", ifname=p.host_if, kind="veth",
                  peer={"ifname": GUEST_IFNAME, "net_ns_pid": pid})
     except NetlinkError as e:
         raise NetworkError(f"creating {p.host_if}: {e}") from e
-    idx = ipr.link_lookup(ifname=p.host_if)[0]
+    idx = _ifindex(p.host_if)
+    if idx is None:
+        raise NetworkError(f"{p.host_if} vanished right after it was made")
     _sysctl(f"net/ipv4/conf/{p.host_if}/rp_filter", "1")
     _sysctl(f"net/ipv4/conf/{p.host_if}/proxy_arp", "1")
     _sysctl(f"net/ipv4/neigh/{p.host_if}/proxy_delay", "0")
@@ -297,15 +315,14 @@ def _setup_host(p: NetPlan, pid: int, ipr: IPRoute) -> None:
     for a in p.addresses:
         ipr.route("add", dst=f"{a.ip}/{a.ip.max_prefixlen}", oif=idx, scope=RT_SCOPE_LINK)
         if a.ip.version == 6:
-            uplink = ipr.link_lookup(ifname=a.uplink)[0]
-            ipr.neigh("add", dst=str(a.ip), ifindex=uplink, flags=NTF_PROXY)
+            ipr.neigh("add", dst=str(a.ip), ifindex=_ifindex(a.uplink), flags=NTF_PROXY)
 
 
 def _wait_gone(ipr: IPRoute, ifname: str, timeout: float = 2.0) -> bool:
     """Wait for IFNAME to vanish: the host end of this guest's previous run, whose
     namespace the kernel is still taking down (a restart comes right after a stop)."""
     deadline = time.monotonic() + timeout
-    while ipr.link_lookup(ifname=ifname):
+    while _ifindex(ifname) is not None:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
@@ -320,8 +337,10 @@ def _setup_guest(p: NetPlan, pidfd: int) -> None:
         gipr = IPRoute()
         _sysctl(f"net/ipv6/conf/{GUEST_IFNAME}/accept_ra", "0")
         _sysctl(f"net/ipv6/conf/{GUEST_IFNAME}/accept_dad", "0")
+        idx = _ifindex(GUEST_IFNAME)
     try:
-        idx = gipr.link_lookup(ifname=GUEST_IFNAME)[0]
+        if idx is None:
+            raise NetworkError(f"the guest has no {GUEST_IFNAME}")
         for a in p.addresses:
             kw: dict[str, Any] = {"index": idx, "address": str(a.ip),
                                   "prefixlen": a.interface.network.prefixlen}
@@ -343,15 +362,19 @@ def _setup_guest(p: NetPlan, pidfd: int) -> None:
 
 
 def _remove_host_side(p: NetPlan, ipr: IPRoute) -> None:
-    for dev, addr in p.proxy6():
-        idx = ipr.link_lookup(ifname=dev)
-        if idx:
-            with contextlib.suppress(NetlinkError):
-                ipr.neigh("del", dst=addr, ifindex=idx[0], flags=NTF_PROXY)
-    idx = ipr.link_lookup(ifname=p.host_if)
-    if idx:
+    _remove_proxy6(ipr, p.proxy6())
+    idx = _ifindex(p.host_if)
+    if idx is not None:
         with contextlib.suppress(NetlinkError):
-            ipr.link("del", index=idx[0])
+            ipr.link("del", index=idx)
+
+
+def _remove_proxy6(ipr: IPRoute, entries: Iterable[tuple[str, str]]) -> None:
+    for dev, addr in entries:
+        idx = _ifindex(dev)
+        if idx is not None:
+            with contextlib.suppress(NetlinkError):
+                ipr.neigh("del", dst=addr, ifindex=idx, flags=NTF_PROXY)
 
 
 def teardown(proxy6: Iterable[tuple[str, str]]) -> None:
@@ -365,8 +388,4 @@ def teardown(proxy6: Iterable[tuple[str, str]]) -> None:
     if not entries:
         return
     with IPRoute() as ipr:
-        for dev, addr in entries:
-            idx = ipr.link_lookup(ifname=dev)
-            if idx:
-                with contextlib.suppress(NetlinkError):
-                    ipr.neigh("del", dst=addr, ifindex=idx[0], flags=NTF_PROXY)
+        _remove_proxy6(ipr, entries)
