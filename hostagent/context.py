@@ -40,7 +40,6 @@ import shutil
 import signal
 import socket
 import struct
-import sys
 import termios
 import tty
 from collections.abc import Callable, Sequence
@@ -71,8 +70,11 @@ from hostagent.ulimit import Limit
 __all__ = [
     "GUEST_NAMESPACES",
     "ContextSpec",
+    "EnterRequest",
     "LaunchError",
+    "copy_until_exit",
     "enter",
+    "init_binary",
     "launch_init",
 ]
 
@@ -852,9 +854,3 @@ def _enter_grandchild(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
         _fail(st_w, step, e)
     os._exit(127)
 
-
-def stdio_is_tty() -> bool:
-    return sys.stdin.isatty() and sys.stdout.isatty()
-
-
-__all__ += ["EnterRequest", "copy_until_exit", "init_binary", "stdio_is_tty"]
