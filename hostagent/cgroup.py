@@ -24,11 +24,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Cgroup", "CgroupError", "Hierarchy", "tracking_hierarchy"]
+__all__ = ["Cgroup", "CgroupError", "Hierarchy", "cgroup_base", "tracking_hierarchy"]
 
 
 class CgroupError(OSError):
     pass
+
+
+def cgroup_base() -> str:
+    """Parent of every cgroup vpanel makes; VSERVER_CGROUP moves it (tests keep theirs apart)."""
+    base = os.environ.get("VSERVER_CGROUP", "vpanel")
+    if not base or base.startswith("/") or ".." in base.split("/"):
+        raise CgroupError(errno.EINVAL, f"bad VSERVER_CGROUP {base!r}")
+    return base
 
 
 @dataclass(frozen=True)

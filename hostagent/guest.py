@@ -28,7 +28,7 @@ from pathlib import Path
 from hostagent import caps as capmod
 from hostagent import conf as confmod
 from hostagent import context, netns, procfs, seccomp, syscalls
-from hostagent.cgroup import Cgroup, cgroup_of, tracking_hierarchy
+from hostagent.cgroup import Cgroup, cgroup_base, cgroup_of, tracking_hierarchy
 from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.names import check_name
 from hostagent.paths import Paths
@@ -97,14 +97,6 @@ class RunState:
 
 
 # --- helpers ----------------------------------------------------------------
-
-def cgroup_base() -> str:
-    """Parent of every guest cgroup; tests set VSERVER_CGROUP to keep theirs apart."""
-    base = os.environ.get("VSERVER_CGROUP", "vpanel")
-    if not base or base.startswith("/") or ".." in base.split("/"):
-        raise GuestError(f"bad VSERVER_CGROUP {base!r}")
-    return base
-
 
 @contextlib.contextmanager
 def _locked(paths: Paths, name: str) -> Iterator[None]:

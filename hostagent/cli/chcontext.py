@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hostagent import caps as capmod
 from hostagent import context, guest, seccomp, syscalls
-from hostagent.cgroup import Cgroup
+from hostagent.cgroup import Cgroup, cgroup_base
 from hostagent.cli.capopts import apply_cap_words
 from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.paths import Paths
@@ -99,7 +99,7 @@ def _new_context(a: argparse.Namespace, cmd: list[str], root: bool, paths: Paths
     cg = None
     try:
         if root:
-            cg = Cgroup(f"{guest.cgroup_base()}/ctx-{n}")
+            cg = Cgroup(f"{cgroup_base()}/ctx-{n}")
             cg.create()
         spec = context.ContextSpec(
             root=None, caps=caps, hostname=a.hostname, domainname=domain, seccomp=policy,

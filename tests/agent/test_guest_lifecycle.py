@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hostagent import caps, guest
-from hostagent.cgroup import Cgroup
+from hostagent.cgroup import Cgroup, cgroup_base
 from hostagent.names import InvalidName
 from hostagent.paths import Paths
 from tests.conftest import mounts_mentioning
@@ -30,7 +30,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def assert_nothing_left(paths: Paths, name: str, cgroup: str | None = None) -> None:
-    cg = Cgroup(cgroup or f"{guest.cgroup_base()}/{name}")
+    cg = Cgroup(cgroup or f"{cgroup_base()}/{name}")
     assert not cg.exists(), f"cgroup {cg.path} survived"
     assert not paths.state(name).exists()
     assert mounts_mentioning(paths.root(name)) == []
