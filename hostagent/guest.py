@@ -17,21 +17,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import ipaddress
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hostagent import caps as capmod
 from hostagent import conf as confmod
-from hostagent import context, netns, procfs, seccomp, syscalls
+from hostagent import context, procfs, seccomp, syscalls
 from hostagent.cgroup import Cgroup, cgroup_base, cgroup_of, tracking_hierarchy
 from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.names import check_name
 from hostagent.paths import Paths
+
+if TYPE_CHECKING:
+    from hostagent import netns
 
 __all__ = [
     "GuestError",
@@ -163,9 +168,16 @@ def find_guest_by_context(paths: Paths, ctx: int) -> str | None:
     return None
 
 
-def addresses_of_other_guests(paths: Paths, name: str) -> dict[netns.Addr, str]:
+# hostagent.netns (and pyroute2 with it, 15 MB) is imported only where a guest
+# has addresses: every fork from a bigger process costs more (page tables),
+# and exec and enter fork twice.
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def addresses_of_other_guests(paths: Paths, name: str) -> dict[IPAddress, str]:
     """Every IPROOT address another guest's NAME.conf names, with that guest's name."""
-    held: dict[netns.Addr, str] = {}
+    held: dict[IPAddress, str] = {}
     for other in paths.guest_names():
         if other == name:
             continue
@@ -182,6 +194,8 @@ def _check_addresses_free(paths: Paths, name: str, tokens: Sequence[str]) -> Non
     wanted = [confmod.parse_ip_token(t).address for t in tokens]
     if not wanted:
         return
+    from hostagent import netns
+
     with netns.IPRoute() as ipr:
         try:
             netns.check_free(wanted, addresses_of_other_guests(paths, name), ipr)
@@ -378,10 +392,14 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
             undo.callback(_destroy_cgroup, cg)
             _run_hook(paths, name, "pre-start")
             spec = spec_for(paths, name, s, cg)
-            ipr = undo.enter_context(netns.IPRoute())
-            net = _net_plan(paths, name, s, spec, ipr)
+            net = None
             configure = None
-            if net is not None:
+            if spec.namespaces & syscalls.CLONE_NEWNET and s.iproot:
+                from hostagent import netns
+
+                ipr = undo.enter_context(netns.IPRoute())
+                net = _net_plan(paths, name, s, ipr)
+
                 def configure(pidfd: int, pid: int, plan: netns.NetPlan = net) -> None:
                     netns.setup(plan, pidfd, pid, ipr)
             try:
@@ -414,10 +432,10 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
 
 
 def _net_plan(paths: Paths, name: str, s: confmod.GuestSettings,
-              spec: context.ContextSpec, ipr: netns.IPRoute) -> netns.NetPlan | None:
-    """The guest's addresses resolved on this host, checked free; None: nothing to set up."""
-    if not spec.namespaces & syscalls.CLONE_NEWNET or not s.iproot:
-        return None
+              ipr: netns.IPRoute) -> netns.NetPlan:
+    """The guest's addresses resolved on this host and checked free."""
+    from hostagent import netns
+
     try:
         net = netns.plan(name, s, ipr)
         for other in paths.guest_names():
@@ -592,7 +610,7 @@ def stop(paths: Paths, name: str, *, timeout: float | None = None,
                     _wait_only_init(st, grace)
         finally:
             _kill_guest(st)
-            netns.teardown(st.proxy6)
+            _remove_proxy6(st.proxy6)
             _unlink(paths.state(name))
         _run_hook(paths, name, "post-stop")
         return True
@@ -637,6 +655,14 @@ def _kill_guest(st: RunState) -> None:
     _reap(st)
 
 
+def _remove_proxy6(entries: Iterable[tuple[str, str]]) -> None:
+    entries = tuple(entries)
+    if entries:
+        from hostagent import netns
+
+        netns.teardown(entries)
+
+
 def _reap(st: RunState) -> None:
     """Collect PID 1 if this process started the guest (it is then our child).
 
@@ -654,7 +680,7 @@ def _cleanup_stale(paths: Paths, name: str, st: RunState | None) -> None:
         _destroy_cgroup(cg)
     if st is not None:
         _reap(st)
-        netns.teardown(st.proxy6)
+        _remove_proxy6(st.proxy6)
     _unlink(paths.state(name))
 
 
