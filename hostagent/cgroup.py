@@ -24,7 +24,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Cgroup", "CgroupError", "Hierarchy", "cgroup_base", "tracking_hierarchy"]
+__all__ = [
+    "Cgroup",
+    "CgroupError",
+    "Hierarchy",
+    "cgroup_base",
+    "cgroup_mounts",
+    "tracking_hierarchy",
+]
 
 
 class CgroupError(OSError):
@@ -46,7 +53,7 @@ class Hierarchy:
     key: str = ""  # v1: the controller or name= option identifying it in /proc/PID/cgroup
 
 
-def _mounts() -> list[tuple[str, str, str]]:
+def cgroup_mounts() -> list[tuple[str, str, str]]:
     """(mount point, fstype, super options) of every cgroup mount, from mountinfo."""
     out = []
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
@@ -63,7 +70,7 @@ def _mounts() -> list[tuple[str, str, str]]:
 def tracking_hierarchy() -> Hierarchy:
     """The hierarchy guests are tracked in on this host (see the module doc)."""
     v1: dict[str, str] = {}
-    for point, fstype, opts in _mounts():
+    for point, fstype, opts in cgroup_mounts():
         if fstype == "cgroup2":
             return Hierarchy(Path(point), 2)
         for opt in opts.split(","):

@@ -37,6 +37,7 @@ __all__ = [
     "GuestSettings",
     "IpToken",
     "parse_ip_token",
+    "parse_size",
     "render_new",
     "settings",
     "settings_from_file",
@@ -64,6 +65,14 @@ KNOWN_KEYS: tuple[str, ...] = (
     "PRIORITY",
     "BUILD_METHOD",
     "STOP_TIMEOUT",
+    # Resource limits (the seed's "global limits"), enforced with cgroups.
+    "MEMORY_LIMIT",
+    "SWAP_LIMIT",
+    "CPU_WEIGHT",
+    "CPU_MAX",
+    "PIDS_MAX",
+    "IO_WEIGHT",
+    "NOFILE",
 )
 
 # The seed's context flags (chcontext --flag). `minit` was a pseudo-flag of
@@ -463,6 +472,13 @@ class GuestSettings:
     stop_timeout: int = DEFAULT_STOP_TIMEOUT
     description: str | None = None
     build_method: str | None = None
+    memory_limit: int | None = None  # bytes
+    swap_limit: int | None = None  # bytes of swap on top of memory_limit
+    cpu_weight: int | None = None  # 1..10000, cgroup v2 scale (100 = one ordinary share)
+    cpu_max: float | None = None  # cores, may be fractional
+    pids_max: int | None = None
+    io_weight: int | None = None  # 1..10000
+    nofile: int | None = None  # RLIMIT_NOFILE of every guest process
 
 
 def _valid_ifname(name: str) -> bool:
@@ -701,7 +717,54 @@ def settings(conf: GuestConf) -> GuestSettings:
         stop_timeout=r.integer("STOP_TIMEOUT", STOP_TIMEOUT_RANGE, DEFAULT_STOP_TIMEOUT),
         description=_description(r),
         build_method=r.free_text("BUILD_METHOD"),
+        memory_limit=_size(r, "MEMORY_LIMIT", minimum=4 << 20),
+        swap_limit=_size(r, "SWAP_LIMIT", minimum=0),
+        cpu_weight=r.optional_integer("CPU_WEIGHT", (1, 10000)),
+        cpu_max=_cores(r),
+        pids_max=r.optional_integer("PIDS_MAX", (1, 4194304)),
+        io_weight=r.optional_integer("IO_WEIGHT", (1, 10000)),
+        nofile=r.optional_integer("NOFILE", (64, 1 << 20)),
     )
+
+
+_LIMIT_KEYS = ("MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX",
+               "IO_WEIGHT", "NOFILE")
+_SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)(i?B?)?\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 4096, 512M, 1G, 2GiB (binary units); ValueError if not one."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a size (a number with an optional K, M, G or T)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def _size(r: _Reader, key: str, minimum: int) -> int | None:
+    value = r.text(key)
+    if not value:
+        return None
+    try:
+        n = parse_size(value)
+    except ValueError as e:
+        raise r.error(key, str(e)) from None
+    if n < minimum or n > 1 << 50:
+        raise r.error(key, f"{value!r} is out of range ({minimum} bytes to 1 PiB)")
+    return n
+
+
+def _cores(r: _Reader) -> float | None:
+    value = r.text("CPU_MAX")
+    if not value:
+        return None
+    try:
+        n = float(value)
+    except ValueError:
+        n = -1.0
+    if not 0.01 <= n <= 4096:
+        raise r.error("CPU_MAX", f"{value!r} is not a number of cores from 0.01 to 4096")
+    return n
 
 
 def _valid_mask_or_prefix(text: str) -> bool:
@@ -760,6 +823,17 @@ _TEMPLATE: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (('Arguments of the shell\'s ulimit builtin, e.g. "-H -n 4096 -c 0".',), ("ULIMIT",)),
     (("Seconds between TERM and KILL when the guest stops, 0..3600.",), ("STOP_TIMEOUT",)),
     (("How the guest was built, recorded by vserver build.",), ("BUILD_METHOD",)),
+    (
+        (
+            "Resource limits, enforced with cgroups (empty: none). Sizes take K M G T.",
+            "MEMORY_LIMIT and SWAP_LIMIT (swap on top of memory); CPU_WEIGHT 1..10000",
+            "(100 = an ordinary share); CPU_MAX in cores (0.5, 2); PIDS_MAX; IO_WEIGHT",
+            "1..10000; NOFILE, the open-files limit of every process. `vserver NAME set`",
+            "changes them on a running guest; `vserver NAME status` says how each is enforced.",
+        ),
+        ("MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX", "IO_WEIGHT",
+         "NOFILE"),
+    ),
 )
 
 
@@ -786,6 +860,7 @@ def render_new(
     ulimit: str = "",
     stop_timeout: int = DEFAULT_STOP_TIMEOUT,
     build_method: str = "",
+    limit_values: dict[str, str] | None = None,
 ) -> str:
     """Text of a fresh NAME.conf for `vserver build`, every known key with a comment.
 
@@ -813,6 +888,8 @@ def render_new(
         "ULIMIT": ulimit,
         "STOP_TIMEOUT": str(stop_timeout),
         "BUILD_METHOD": build_method,
+        **{key: "" for key in _LIMIT_KEYS},
+        **{key.upper(): value for key, value in (limit_values or {}).items()},
     }
     out = [
         "# Guest configuration, read by vserver(8) without a shell: only",

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostagent import caps as capmod
+from hostagent import lxcfs as lxcfsmod
 from hostagent import seccomp, syscalls, ulimit
 from hostagent.cgroup import Cgroup
 from hostagent.syscalls import (
@@ -136,6 +137,12 @@ class ContextSpec:
     fakeinit: bool = False
     hideinfo: bool = False
     userns: bool = False  # unprivileged chcontext: map the caller's ids into a user namespace
+    # A running lxcfs's mount, whose files replace the kernel's /proc/meminfo
+    # and friends in a guest's tree (hostagent/lxcfs.py); None: the kernel's.
+    lxcfs: Path | None = field(default_factory=lxcfsmod.mountpoint)
+    # cgroup.procs files of the guest's limit cgroups in other hierarchies
+    # (cgroup v1): every process of the guest writes itself into each.
+    join_cgroups: tuple[str, ...] = ()
 
 
 # --- the guest's PID 1 ------------------------------------------------------
@@ -230,6 +237,33 @@ def _setup_dev(root: str) -> None:
         os.symlink(target, os.path.join(dev, name))
 
 
+def _bind_lxcfs(root: str, lxcfs: str) -> None:
+    """Put lxcfs's files over the kernel's /proc ones in the guest's tree.
+
+    lxcfs answers for the cgroups of the PID 1 of the reader's PID namespace,
+    so the same bind gives every guest its own numbers. Each bind is made
+    read-only: lxcfs refuses writes anyway, but the mount flag does not
+    depend on it. Guest root cannot unmount them (no CAP_SYS_ADMIN), so the
+    kernel's host-wide files stay hidden. lxcfs may have died since
+    ContextSpec found it: a file it no longer serves keeps the kernel's
+    version, and the start goes on.
+    """
+    for rel in lxcfsmod.FILES:
+        src = os.path.join(lxcfs, rel)
+        dst = os.path.join(root, rel)
+        try:
+            if not (os.path.isfile(src) and os.path.isfile(dst)):
+                continue
+            syscalls.mount(src, dst, None, MS_BIND)
+        except OSError:
+            continue
+        try:
+            syscalls.mount(None, dst, None,
+                           MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except OSError:
+            syscalls.umount2(dst, MNT_DETACH)
+
+
 def _mask(root: str) -> None:
     for rel in MASKED_FILES:
         p = os.path.join(root, rel)
@@ -256,7 +290,7 @@ def _switch_root(root: str) -> None:
     os.chdir("/")
 
 
-def _mount_guest_tree(root: str, hideinfo: bool) -> None:
+def _mount_guest_tree(root: str, hideinfo: bool, lxcfs: Path | None) -> None:
     # Nothing we mount may propagate back to the host.
     syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
     # pivot_root needs the new root to be a mount point.
@@ -264,6 +298,10 @@ def _mount_guest_tree(root: str, hideinfo: bool) -> None:
     _setup_proc(root, hideinfo)
     _setup_sys(root)
     _setup_dev(root)
+    # From the host's lxcfs mount, so before pivot_root takes the host's
+    # tree away; before the masks, which must stay on top.
+    if lxcfs is not None:
+        _bind_lxcfs(root, str(lxcfs))
     _mask(root)
 
 
@@ -384,7 +422,7 @@ def _init_child(spec: ContextSpec, argv: Sequence[str] | None, pipe_w: int,
             # a Ctrl-C or a signal to the caller's job must not reach it.
             os.setsid()
         if spec.root is not None:
-            _mount_guest_tree(str(spec.root), spec.hideinfo)
+            _mount_guest_tree(str(spec.root), spec.hideinfo, spec.lxcfs)
             checkpoint("pivot_root")
             _switch_root(str(spec.root))
         else:
@@ -459,6 +497,8 @@ def launch_init(
     Raises LaunchError naming the failed step; nothing is left behind then.
     """
     _prepare(spec)
+    if spec.root is not None and spec.lxcfs is None:
+        lxcfsmod.warn_absent()  # the guest starts all the same, with the host's /proc files
     if (argv is None and not spec.fakeinit) or (argv is not None and spec.root is None):
         _sealed_init()  # fail here, with a clear message, if the init is missing
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
@@ -468,6 +508,7 @@ def launch_init(
     if spec.userns:
         flags |= syscalls.CLONE_NEWUSER
     cg_fd = spec.cgroup.clone_fd() if spec.cgroup is not None else None
+    join_fds = _open_join_files(spec)
     try:
         pid = syscalls.fork_into(flags, cg_fd)
     except OSError as e:
@@ -492,6 +533,7 @@ def launch_init(
             step = "cgroup"
             if spec.cgroup is not None and cg_fd is None:
                 spec.cgroup.attach(0)  # a v1 host: no CLONE_INTO_CGROUP there
+            _join(join_fds)
             if spec.namespaces & CLONE_NEWCGROUP:
                 # Only now, inside the guest's cgroup, so that it becomes the
                 # root of the guest's cgroup namespace.
@@ -504,6 +546,8 @@ def launch_init(
         os.close(go_r)
     if cg_fd is not None:
         os.close(cg_fd)
+    for fd in join_fds:
+        os.close(fd)
     if spec.userns:
         os.close(sync_r)
         try:
@@ -537,6 +581,20 @@ def launch_init(
     if config_error is not None:
         raise LaunchError("network", str(config_error)) from config_error
     return pid
+
+
+def _open_join_files(spec: ContextSpec) -> list[int]:
+    """Descriptors of the limit cgroups' cgroup.procs, opened while the host's
+    cgroup tree is still in view (the child writes itself in through them)."""
+    return [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in spec.join_cgroups]
+
+
+def _join(fds: Sequence[int]) -> None:
+    # One grace period pays for all: moves that follow each other closely
+    # share the RCU sync of the cgroup threadgroup lock.
+    for fd in fds:
+        os.write(fd, b"0")
+        os.close(fd)
 
 
 def _prepare(spec: ContextSpec) -> None:
@@ -589,14 +647,15 @@ def enter(
     procs_fd = -1
     if spec.cgroup is not None and cg_fd is None:
         procs_fd = os.open(spec.cgroup.procs_file(), os.O_WRONLY | os.O_CLOEXEC)
+    join_fds = _open_join_files(spec)
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
     c = os.fork()
     if c == 0:
         os.close(st_r)
-        code = _enter_child(init_pidfd, spec, req, cg_fd, procs_fd, st_w)
+        code = _enter_child(init_pidfd, spec, req, cg_fd, (procs_fd, *join_fds), st_w)
         os._exit(code)
     os.close(st_w)
-    for fd in (procs_fd, -1 if cg_fd is None else cg_fd):
+    for fd in (procs_fd, -1 if cg_fd is None else cg_fd, *join_fds):
         if fd >= 0:
             os.close(fd)
     if on_child is not None:
@@ -616,7 +675,7 @@ def enter(
 
 
 def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
-                 cg_fd: int | None, procs_fd: int, st_w: int) -> int:
+                 cg_fd: int | None, procs_fds: Sequence[int], st_w: int) -> int:
     """C: joins the namespaces, clones D inside them, relays and waits. Returns D's status.
 
     D never receives one of the caller's descriptors: it gets the caller's
@@ -652,7 +711,7 @@ def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
             for fd in {*routes, feed}:
                 if fd >= 0:
                     os.close(fd)
-            _enter_grandchild(init_pidfd, spec, req, procs_fd, st_w)
+            _enter_grandchild(init_pidfd, spec, req, procs_fds, st_w)
         os.close(st_w)
         # Only D may hold its ends, so that readers see EOF when it is done.
         for fd in set(child_fds):
@@ -807,13 +866,13 @@ def _supplementary_groups(user: str, gid: int) -> list[int]:
 
 
 def _enter_grandchild(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
-                      procs_fd: int, st_w: int) -> None:
+                      procs_fds: Sequence[int], st_w: int) -> None:
     """D: inside the PID namespace. Never returns."""
     step = "cgroup"
     try:
-        if procs_fd >= 0:  # a v1 host; on v2 D was born in the cgroup
-            os.write(procs_fd, b"0")
-            os.close(procs_fd)
+        # The tracking cgroup on a v1-only host, and the limit cgroups in other
+        # hierarchies; in the v2 tracking cgroup D was born.
+        _join([fd for fd in procs_fds if fd >= 0])
         if spec.namespaces & CLONE_NEWCGROUP:
             syscalls.setns(init_pidfd, CLONE_NEWCGROUP)
         os.close(init_pidfd)

@@ -19,6 +19,7 @@ import dataclasses
 import fcntl
 import ipaddress
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -29,11 +30,12 @@ from typing import TYPE_CHECKING
 
 from hostagent import caps as capmod
 from hostagent import conf as confmod
-from hostagent import context, procfs, seccomp, syscalls
+from hostagent import context, limits, procfs, seccomp, syscalls
 from hostagent.cgroup import Cgroup, cgroup_base, cgroup_of, tracking_hierarchy
 from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.names import check_name
 from hostagent.paths import Paths
+from hostagent.ulimit import Limit
 
 if TYPE_CHECKING:
     from hostagent import netns
@@ -208,13 +210,21 @@ def spec_for(paths: Paths, name: str, s: confmod.GuestSettings,
     pol = seccomp.SeccompPolicy()
     if "lock" in s.flags:
         pol = pol.with_lock()
+    ulimits = tuple(s.ulimits)
+    if s.nofile is not None:
+        ulimits += (Limit(resource.RLIMIT_NOFILE, s.nofile, s.nofile),)
+    join: tuple[str, ...] = ()
+    if cgroup is not None:
+        join = limits.GuestCgroups(
+            cgroup.relpath, limits.limits_from_settings(s).controllers()).join_files()
     return context.ContextSpec(
         root=paths.root(name),
         caps=s.caps,
         hostname=s.hostname or name,
         domainname=s.domainname,
         nice=s.nice,
-        ulimits=tuple(s.ulimits),
+        ulimits=ulimits,
+        join_cgroups=join,
         seccomp=pol,
         cgroup=cgroup,
         fakeinit="fakeinit" in s.flags,
@@ -390,6 +400,16 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
                 cg.remove()
             cg.create()
             undo.callback(_destroy_cgroup, cg)
+            lim = limits.limits_from_settings(s)
+            gcg = limits.GuestCgroups(cg.relpath, lim.controllers())
+            gcg.create()
+            undo.callback(gcg.remove)
+            applied = gcg.apply(lim)
+            limits.save_applied(_limits_file(paths, name), applied)
+            undo.callback(_unlink, _limits_file(paths, name))
+            for a in applied:
+                if not a.enforced:
+                    _say(output, f"{name}: warning: {a.text()}\n")
             _run_hook(paths, name, "pre-start")
             spec = spec_for(paths, name, s, cg)
             net = None
@@ -449,6 +469,11 @@ def _net_plan(paths: Paths, name: str, s: confmod.GuestSettings,
     except netns.NetworkError as e:
         raise GuestError(f"{name}: {e}") from e
     return net
+
+
+def _limits_file(paths: Paths, name: str) -> Path:
+    """What the last start or set made of the guest's limits (for status)."""
+    return paths.rundir / f"{name}.limits"
 
 
 def _say(output: Output, text: str) -> None:
@@ -612,6 +637,7 @@ def stop(paths: Paths, name: str, *, timeout: float | None = None,
             _kill_guest(st)
             _remove_proxy6(st.proxy6)
             _unlink(paths.state(name))
+            _unlink(_limits_file(paths, name))
         _run_hook(paths, name, "post-stop")
         return True
 
@@ -652,6 +678,7 @@ def _kill_guest(st: RunState) -> None:
         finally:
             os.close(fd)
     _destroy_cgroup(Cgroup(st.cgroup))
+    limits.GuestCgroups(st.cgroup, limits.ALL_CONTROLLERS).remove()
     _reap(st)
 
 
@@ -678,17 +705,60 @@ def _cleanup_stale(paths: Paths, name: str, st: RunState | None) -> None:
     cg = Cgroup(st.cgroup) if st else Cgroup(f"{cgroup_base()}/{name}")
     if cg.exists():
         _destroy_cgroup(cg)
+    limits.GuestCgroups(cg.relpath, limits.ALL_CONTROLLERS).remove()
+    _unlink(_limits_file(paths, name))
     if st is not None:
         _reap(st)
         _remove_proxy6(st.proxy6)
     _unlink(paths.state(name))
 
 
+# --- set ----------------------------------------------------------------------
+
+def set_key(paths: Paths, name: str, key: str, value: str) -> list[str]:
+    """vserver NAME set KEY VALUE: rewrite NAME.conf and apply it to the running guest.
+
+    Returns what happened, a line per limit. Keys that only a start can apply
+    (names, addresses, capabilities) are written and said to wait for it.
+    """
+    check_name(name)
+    if not key or not key.replace("_", "").isalnum() or not key.isupper():
+        raise GuestError(f"invalid key {key!r}: NAME.conf keys are upper case, like MEMORY_LIMIT")
+    with _locked(paths, name):
+        path = paths.conf(name)
+        if not path.exists():
+            raise GuestError(f"{name}: no such vserver ({path} does not exist)")
+        try:
+            conf = confmod.GuestConf.load(path)
+            if value:
+                conf.set(key, value)
+            else:
+                conf.unset(key)
+            s = confmod.settings(conf)
+            conf.save(path)
+        except (confmod.ConfigError, ValueError) as e:
+            raise GuestError(str(e)) from e
+        st = read_state(paths, name)
+        if st is None or not _alive(st):
+            return [f"{key} saved; {name} is not running"]
+        if key not in limits.LIVE_KEYS and not (key == "S_FLAGS" or key == "ULIMIT"):
+            return [f"{key} saved; it takes effect at the next start of {name}"]
+        lim = limits.limits_from_settings(s)
+        gcg = limits.GuestCgroups(st.cgroup, lim.controllers())
+        gcg.create()
+        gcg.adopt(Cgroup(st.cgroup).procs())
+        applied = gcg.apply(lim)
+        if key in limits.LIVE_KEYS and not value:
+            applied.append(gcg.clear(key))
+        limits.save_applied(_limits_file(paths, name), applied)
+        return [a.text() for a in applied] or [f"{key} saved and applied"]
+
+
 # --- status -------------------------------------------------------------------
 
 # Flags NAME.conf accepts whose enforcement comes with the resource-limits
 # work: `status` names them rather than let them look active.
-NOT_YET_ENFORCED = frozenset({"nproc", "sched", "ulimit"})
+NOT_YET_ENFORCED = frozenset({"ulimit"})
 
 
 @dataclass(frozen=True)
@@ -702,6 +772,7 @@ class Status:
     unenforced: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()
     shared_network: bool = False  # IPROOT="ALL": the seed's unrestricted guest
+    limits: tuple[str, ...] = ()  # each limit, and whether and how it is enforced
 
     def text(self) -> str:
         if not self.running:
@@ -716,6 +787,7 @@ class Status:
             lines.append("Network: the host's own (IPROOT=ALL, unrestricted)")
         else:
             lines.append("Addresses: " + (" ".join(self.addresses) or "none (lo only)"))
+        lines.extend(f"Limit {line}" for line in self.limits)
         if self.unenforced:
             lines.append("Flags not enforced on this host yet: " + " ".join(self.unenforced))
         return "\n".join(lines)
@@ -740,4 +812,5 @@ def status(paths: Paths, name: str) -> Status:
                   time.time() - st.started, st.init_pid,
                   tuple(sorted(s.flags & NOT_YET_ENFORCED)),
                   tuple(str(confmod.parse_ip_token(t).address) for t in s.iproot),
-                  s.iproot_unrestricted)
+                  s.iproot_unrestricted,
+                  tuple(a.text() for a in limits.load_applied(_limits_file(paths, name))))

@@ -6,6 +6,7 @@
     vserver NAME exec CMD [ARG...]
     vserver NAME suexec USER CMD [ARG...]
     vserver NAME service SERVICE ACTION
+    vserver NAME set KEY VALUE       (rewrite NAME.conf; limits apply at once)
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hostagent.names import InvalidName, check_name
 from hostagent.paths import Paths
 
 VERBS = ("build", "start", "stop", "restart", "running", "status", "enter", "exec",
-         "suexec", "service", "delete")
+         "suexec", "service", "set", "delete")
 
 
 def _out(data: bytes) -> None:
@@ -135,6 +136,12 @@ def _run(paths: Paths, name: str, verb: str, rest: list[str], out: guest.Output)
         if len(rest) < 2:
             raise guest.GuestError("usage: vserver NAME suexec USER CMD [ARG...]")
         return guest.exec_in(paths, name, rest[1:], user=rest[0])
+    if verb == "set":
+        if len(rest) != 2:
+            raise guest.GuestError("usage: vserver NAME set KEY VALUE (an empty VALUE removes it)")
+        for line in guest.set_key(paths, name, rest[0], rest[1]):
+            print(line)
+        return 0
     if verb == "service":
         if len(rest) != 2:
             raise guest.GuestError("usage: vserver NAME service SERVICE ACTION")

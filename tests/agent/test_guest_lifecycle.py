@@ -252,11 +252,11 @@ def test_a_guest_survives_the_process_that_started_it(vroots: Paths, busybox_gue
 
 
 def test_status_names_flags_that_are_not_enforced_yet(vroots: Paths) -> None:
-    guest.build(vroots, "fl", guest.BuildOptions(method="busybox", flags=["lock", "nproc"]))
+    guest.build(vroots, "fl", guest.BuildOptions(method="busybox", flags=["lock", "ulimit"]))
     guest.start(vroots, "fl")
     st = guest.status(vroots, "fl")
-    assert st.unenforced == ("nproc",)
-    assert "not enforced" in st.text() and "nproc" in st.text()
+    assert st.unenforced == ("ulimit",)
+    assert "not enforced" in st.text() and "ulimit" in st.text()
 
 
 def test_enter_gives_a_terminal_of_the_guests_own(vroots: Paths, started: guest.RunState) -> None:

@@ -1,0 +1,306 @@
+"""Resource limits per guest: the seed's "global limits", on cgroups v1 or v2.
+
+Each controller a guest needs is looked up where this host has it: in the
+cgroup v2 tree when the controller is enabled there, otherwise in its own v1
+hierarchy (hosts of this project's kind mount memory, pids and cpu as v1 next
+to a nearly empty v2 tree). The guest's cgroup has the same relative path in
+every hierarchy (`vpanel/NAME`), so tools find it without a registry.
+
+Every value is read back after it is written. A limit the host cannot
+enforce (no such controller, no such file) is never silently dropped: it
+comes back as not enforced, with the reason, and `vserver NAME status` shows
+it.
+
+| key | v2 file | v1 file |
+|---|---|---|
+| MEMORY_LIMIT | memory.max | memory.limit_in_bytes |
+| SWAP_LIMIT | memory.swap.max | memory.memsw.limit_in_bytes (memory + swap) |
+| CPU_WEIGHT | cpu.weight | cpu.shares (weight * 1024 / 100) |
+| CPU_MAX | cpu.max | cpu.cfs_quota_us / cpu.cfs_period_us |
+| PIDS_MAX, nproc | pids.max | pids.max |
+| IO_WEIGHT | io.weight | blkio.weight (10..1000, BFQ) |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hostagent.cgroup import Cgroup, CgroupError, Hierarchy, cgroup_mounts, tracking_hierarchy
+from hostagent.conf import GuestSettings
+
+__all__ = [
+    "ALL_CONTROLLERS",
+    "LIVE_KEYS",
+    "Applied",
+    "GuestCgroups",
+    "Limits",
+    "limits_from_settings",
+]
+
+CFS_PERIOD_US = 100_000
+ALL_CONTROLLERS = frozenset({"memory", "pids", "cpu", "io"})
+# NAME.conf keys a running guest takes at once through `vserver NAME set`.
+LIVE_KEYS = frozenset({"MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX",
+                       "IO_WEIGHT"})
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory: int | None = None
+    swap: int | None = None
+    cpu_weight: int | None = None
+    cpu_max: float | None = None
+    pids: int | None = None
+    io_weight: int | None = None
+    sched: bool = False  # the seed's flag: the guest weighs as one process
+
+    def controllers(self) -> set[str]:
+        """Controllers the guest is placed in: memory and pids always (accounting,
+        lxcfs, the fork-bomb fence), cpu for any CPU setting or `sched`, io for IO_WEIGHT."""
+        wanted = {"memory", "pids"}
+        if self.sched or self.cpu_weight is not None or self.cpu_max is not None:
+            wanted.add("cpu")
+        if self.io_weight is not None:
+            wanted.add("io")
+        return wanted
+
+
+def limits_from_settings(s: GuestSettings) -> Limits:
+    """The limits NAME.conf asks for. `nproc` turns ULIMIT's -u into a guest-wide pids.max."""
+    pids = s.pids_max
+    if pids is None and "nproc" in s.flags:
+        nproc = [lim for lim in s.ulimits if lim.name == "nproc"]
+        if nproc:
+            value = nproc[-1].hard if nproc[-1].hard is not None else nproc[-1].soft
+            pids = value if value is not None and value < 1 << 22 else None
+    return Limits(memory=s.memory_limit, swap=s.swap_limit, cpu_weight=s.cpu_weight,
+                  cpu_max=s.cpu_max, pids=pids, io_weight=s.io_weight,
+                  sched="sched" in s.flags)
+
+
+@dataclass(frozen=True)
+class Applied:
+    key: str
+    wanted: str
+    enforced: bool
+    how: str  # the file written, or why nothing could be
+
+    def text(self) -> str:
+        state = "enforced" if self.enforced else "NOT ENFORCED"
+        return f"{self.key}={self.wanted}: {state} ({self.how})"
+
+
+def _v2_controllers(h: Hierarchy) -> set[str]:
+    try:
+        return set((h.mount / "cgroup.controllers").read_text().split())
+    except OSError:
+        return set()
+
+
+def controller_hierarchies() -> dict[str, Hierarchy]:
+    """Where each controller lives on this host: the v2 tree if enabled there, else v1."""
+    found: dict[str, Hierarchy] = {}
+    try:
+        track = tracking_hierarchy()
+    except CgroupError:
+        return found
+    if track.version == 2:
+        for name in _v2_controllers(track) & {"memory", "pids", "cpu", "io"}:
+            found[name] = track
+    for point, fstype, opts in cgroup_mounts():
+        if fstype != "cgroup":
+            continue
+        options = set(opts.split(","))
+        for name, v1 in (("memory", "memory"), ("pids", "pids"), ("cpu", "cpu"),
+                         ("io", "blkio")):
+            if name not in found and v1 in options:
+                found[name] = Hierarchy(Path(point), 1, v1)
+    return found
+
+
+class GuestCgroups:
+    """A guest's cgroups for limits and accounting, beside its tracking cgroup."""
+
+    def __init__(self, relpath: str, wanted: set[str] | frozenset[str]) -> None:
+        self.relpath = relpath
+        self.where = controller_hierarchies()
+        self.missing = sorted(wanted - set(self.where))
+        self.groups: dict[str, Cgroup] = {
+            name: Cgroup(relpath, h) for name, h in self.where.items() if name in wanted
+        }
+
+    def create(self) -> None:
+        for name, cg in self.groups.items():
+            if cg.hierarchy.version == 2:
+                self._enable_v2(name, cg)
+            cg.create()
+
+    def _enable_v2(self, controller: str, cg: Cgroup) -> None:
+        """Turn CONTROLLER on along the path down to the guest (v2 hands them down explicitly)."""
+        parent = cg.hierarchy.mount
+        for part in Path(self.relpath).parts[:-1]:
+            with contextlib.suppress(OSError):
+                (parent / "cgroup.subtree_control").write_text(f"+{controller}")
+            parent = parent / part
+            parent.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            (parent / "cgroup.subtree_control").write_text(f"+{controller}")
+
+    def join_files(self) -> tuple[str, ...]:
+        """cgroup.procs files a new guest process must write itself into.
+
+        The tracking cgroup's hierarchy is left out: processes are cloned
+        straight into that one (CLONE_INTO_CGROUP), and on a pure v2 host the
+        guest's v2 cgroup is that very cgroup.
+        """
+        track = tracking_hierarchy()
+        return tuple(sorted({str(cg.procs_file()) for cg in self.groups.values()
+                             if cg.hierarchy.mount != track.mount}))
+
+    def apply(self, lim: Limits) -> list[Applied]:
+        out: list[Applied] = []
+        out += self._memory(lim)
+        out += self._cpu(lim)
+        if lim.pids is not None:
+            out.append(self._write("PIDS_MAX", str(lim.pids), "pids", "pids.max", "pids.max",
+                                   str(lim.pids)))
+        if lim.io_weight is not None:
+            v1 = str(max(10, min(1000, lim.io_weight // 10)))
+            out.append(self._write("IO_WEIGHT", str(lim.io_weight), "io", "io.weight",
+                                   "blkio.weight", str(lim.io_weight), v1))
+        return out
+
+    def _memory(self, lim: Limits) -> list[Applied]:
+        out: list[Applied] = []
+        if lim.memory is not None:
+            out.append(self._write("MEMORY_LIMIT", str(lim.memory), "memory", "memory.max",
+                                   "memory.limit_in_bytes", str(lim.memory)))
+        if lim.swap is not None:
+            cg = self.groups.get("memory")
+            if cg is not None and cg.hierarchy.version == 1:
+                if lim.memory is None:
+                    out.append(Applied("SWAP_LIMIT", str(lim.swap), False,
+                                       "cgroup v1 limits swap together with memory: "
+                                       "set MEMORY_LIMIT too"))
+                else:
+                    total = str(lim.memory + lim.swap)
+                    out.append(self._write("SWAP_LIMIT", str(lim.swap), "memory", "",
+                                           "memory.memsw.limit_in_bytes", total))
+            else:
+                out.append(self._write("SWAP_LIMIT", str(lim.swap), "memory",
+                                       "memory.swap.max", "", str(lim.swap)))
+        return out
+
+    def _cpu(self, lim: Limits) -> list[Applied]:
+        out: list[Applied] = []
+        weight = lim.cpu_weight if lim.cpu_weight is not None else (100 if lim.sched else None)
+        if weight is not None:
+            shares = str(max(2, weight * 1024 // 100))
+            out.append(self._write("CPU_WEIGHT" if lim.cpu_weight is not None else "sched",
+                                   str(weight), "cpu", "cpu.weight", "cpu.shares",
+                                   str(weight), shares))
+        if lim.cpu_max is not None:
+            quota = max(1000, int(lim.cpu_max * CFS_PERIOD_US))
+            cg = self.groups.get("cpu")
+            if cg is not None and cg.hierarchy.version == 1:
+                period = self._write("CPU_MAX", str(lim.cpu_max), "cpu", "",
+                                     "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                out.append(period if not period.enforced else self._write(
+                    "CPU_MAX", str(lim.cpu_max), "cpu", "", "cpu.cfs_quota_us", str(quota)))
+            else:
+                out.append(self._write("CPU_MAX", str(lim.cpu_max), "cpu", "cpu.max", "",
+                                       f"{quota} {CFS_PERIOD_US}"))
+        return out
+
+    def _write(self, key: str, wanted: str, controller: str, v2file: str, v1file: str,
+               v2value: str, v1value: str | None = None) -> Applied:
+        cg = self.groups.get(controller)
+        if cg is None:
+            return Applied(key, wanted, False, f"no {controller} controller on this host")
+        v2 = cg.hierarchy.version == 2
+        fname, value = (v2file, v2value) if v2 else (v1file, v1value or v2value)
+        if not fname:
+            return Applied(key, wanted, False,
+                           f"cgroup v{cg.hierarchy.version} has no file for it")
+        path = cg.path / fname
+        try:
+            path.write_text(value)
+            back = path.read_text().strip()
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return Applied(key, wanted, False, f"{path} does not exist on this kernel")
+            return Applied(key, wanted, False, f"writing {path}: {e.strerror}")
+        if value in ("-1", "max") and back not in ("max", "-1"):
+            return Applied(key, wanted, True, f"{path} (unlimited)")
+        if not _same(back, value):
+            return Applied(key, wanted, False, f"{path} reads back {back!r}, not {value!r}")
+        return Applied(key, wanted, True, str(path))
+
+    def clear(self, key: str) -> Applied:
+        """Lift one limit (the key was emptied in NAME.conf) on a running guest."""
+        table = {
+            "MEMORY_LIMIT": ("memory", "memory.max", "memory.limit_in_bytes", "max", "-1"),
+            "SWAP_LIMIT": ("memory", "memory.swap.max", "memory.memsw.limit_in_bytes",
+                           "max", "-1"),
+            "CPU_WEIGHT": ("cpu", "cpu.weight", "cpu.shares", "100", "1024"),
+            "CPU_MAX": ("cpu", "cpu.max", "cpu.cfs_quota_us", f"max {CFS_PERIOD_US}", "-1"),
+            "PIDS_MAX": ("pids", "pids.max", "pids.max", "max", "max"),
+            "IO_WEIGHT": ("io", "io.weight", "blkio.weight", "default 100", "500"),
+        }
+        controller, v2file, v1file, v2value, v1value = table[key]
+        if controller not in self.groups:
+            return Applied(key, "", True, "nothing to lift")
+        applied = self._write(key, "", controller, v2file, v1file, v2value, v1value)
+        if not applied.enforced and v2value.startswith(("max", "default")):
+            # The kernel reads "max" back as "max" but a v1 -1 as a huge number.
+            return Applied(key, "", True, applied.how)
+        return applied
+
+    def adopt(self, pids: list[int]) -> None:
+        """Move a running guest's processes into cgroups made after it started."""
+        track = tracking_hierarchy()
+        for cg in self.groups.values():
+            if cg.hierarchy.mount == track.mount:
+                continue
+            present = set(cg.procs())
+            for pid in pids:
+                if pid not in present:
+                    with contextlib.suppress(OSError):  # it may have just exited
+                        cg.attach(pid)
+
+    def remove(self) -> None:
+        for cg in self.groups.values():
+            if cg.exists():
+                cg.kill()
+                cg.wait_empty(5)
+                cg.remove()
+
+
+def _same(back: str, value: str) -> bool:
+    """Does a read-back value match what was written (the kernel rounds memory to pages)?"""
+    if back == value:
+        return True
+    try:
+        b, v = int(back), int(value)
+    except ValueError:
+        return back.split() == value.split()
+    return v - PAGE < b <= v
+
+
+def save_applied(path: Path, applied: list[Applied]) -> None:
+    tmp = path.with_suffix(".new")
+    tmp.write_text(json.dumps([asdict(a) for a in applied]))
+    os.replace(tmp, path)
+
+
+def load_applied(path: Path) -> list[Applied]:
+    try:
+        return [Applied(**a) for a in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):
+        return []
