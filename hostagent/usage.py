@@ -14,12 +14,13 @@ for vserver-stat. Its sources, per metric (None when the file is absent):
                 host: cpuacct.usage (ns) and cpuacct.stat (user and system,
                 USER_HZ ticks) of the same relative path in the cpuacct
                 hierarchy.
-  memory        cgroup v2 memory.current / memory.peak where the memory
-                controller is enabled for the guest's cgroup; else the v1
-                memory hierarchy's memory.usage_in_bytes /
-                memory.max_usage_in_bytes at the same relative path (the
-                limits module puts the guest there). Both count page cache
-                the guest caused, not only its processes' RSS.
+  memory        where hostagent.limits puts the guest's memory cgroup
+                (controller_hierarchies: the v2 tree if the controller is
+                enabled there, else the v1 memory hierarchy, same relative
+                path): v2 memory.current / memory.peak, v1
+                memory.usage_in_bytes / memory.max_usage_in_bytes. Both
+                count page cache the guest caused, not only its processes'
+                RSS.
   net           the host end of the guest's veth (RunState.host_if) in
                 /proc/thread-self/net/dev, read once for all guests in the
                 caller's (the host's) network namespace. What the host end
@@ -41,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostagent import guest, views
-from hostagent.cgroup import Cgroup, Hierarchy, tracking_hierarchy
+from hostagent.cgroup import Cgroup, Hierarchy, cgroup_mounts, tracking_hierarchy
+from hostagent.limits import controller_hierarchies
 from hostagent.paths import Paths
 
 __all__ = ["GuestUsage", "net_counters", "usage_all", "usage_of"]
@@ -87,22 +89,12 @@ def _read_kv(path: Path) -> dict[str, int] | None:
     return out
 
 
-def _v1_mounts() -> dict[str, Path]:
-    """Mount point of each v1 controller (cpuacct, memory, ...), from mountinfo.
-
-    Fields of proc(5): the fifth is the mount point; after " - " come the
-    fstype, the source and the super options, which name a v1 hierarchy's
-    controllers ("rw,cpu,cpuacct").
-    """
-    out: dict[str, Path] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rfields = left.split(), right.split()
-            if len(fields) > 4 and len(rfields) >= 3 and rfields[0] == "cgroup":
-                for opt in rfields[2].split(","):
-                    out.setdefault(opt, Path(fields[4].replace("\\040", " ")))
-    return out
+def _v1_mount(controller: str) -> Path | None:
+    """Mount point of the v1 hierarchy that has CONTROLLER, if any."""
+    for point, fstype, opts in cgroup_mounts():
+        if fstype == "cgroup" and controller in opts.split(","):
+            return Path(point)
+    return None
 
 
 def net_counters() -> dict[str, tuple[int, int]]:
@@ -127,25 +119,25 @@ class _Accounting:
 
     def __init__(self) -> None:
         self.tracking: Hierarchy = tracking_hierarchy()
-        self.v1 = _v1_mounts()
-
-    def _v2(self, relpath: str) -> Path | None:
-        return self.tracking.mount / relpath if self.tracking.version == 2 else None
+        # Memory is read where the limits module puts guests (v2 if the
+        # controller is enabled there, else v1); cpuacct has no limits and is
+        # only needed on a host without cgroup v2.
+        self.memory_h = controller_hierarchies().get("memory")
+        self.cpuacct = None if self.tracking.version == 2 else _v1_mount("cpuacct")
 
     def cpu(self, relpath: str) -> tuple[float | None, float | None, float | None]:
         """(total, user, system) CPU seconds."""
-        v2 = self._v2(relpath)
-        if v2 is not None:
-            stat = _read_kv(v2 / "cpu.stat")
-            if stat is not None and "usage_usec" in stat:
-                user, system = stat.get("user_usec"), stat.get("system_usec")
-                return (stat["usage_usec"] / 1e6,
-                        None if user is None else user / 1e6,
-                        None if system is None else system / 1e6)
-        mount = self.v1.get("cpuacct")
-        if mount is None:
+        if self.tracking.version == 2:
+            stat = _read_kv(self.tracking.mount / relpath / "cpu.stat")
+            if stat is None or "usage_usec" not in stat:
+                return None, None, None
+            user, system = stat.get("user_usec"), stat.get("system_usec")
+            return (stat["usage_usec"] / 1e6,
+                    None if user is None else user / 1e6,
+                    None if system is None else system / 1e6)
+        if self.cpuacct is None:
             return None, None, None
-        d = mount / relpath
+        d = self.cpuacct / relpath
         total = _read_int(d / "cpuacct.usage")
         ticks = _read_kv(d / "cpuacct.stat") or {}
         hz = views.clock_ticks()
@@ -155,15 +147,11 @@ class _Accounting:
 
     def memory(self, relpath: str) -> tuple[int | None, int | None]:
         """(current, peak) bytes."""
-        v2 = self._v2(relpath)
-        if v2 is not None:
-            current = _read_int(v2 / "memory.current")
-            if current is not None:
-                return current, _read_int(v2 / "memory.peak")
-        mount = self.v1.get("memory")
-        if mount is None:
+        if self.memory_h is None:
             return None, None
-        d = mount / relpath
+        d = self.memory_h.mount / relpath
+        if self.memory_h.version == 2:
+            return _read_int(d / "memory.current"), _read_int(d / "memory.peak")
         return _read_int(d / "memory.usage_in_bytes"), _read_int(d / "memory.max_usage_in_bytes")
 
 

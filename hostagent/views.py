@@ -50,6 +50,7 @@ __all__ = [
     "render_table",
     "running_states",
     "start_of",
+    "stdout_closed",
     "user_name",
 ]
 
@@ -318,6 +319,18 @@ def host_pid_in(pids: Iterable[int], level: int, inner: int) -> int | None:
         if ns is not None and len(ns) > level and ns[level] == inner:
             return pid
     return None
+
+
+def stdout_closed() -> int:
+    """For a CLI whose reader went away (`vps | head`): exit quietly, as ps does.
+
+    Python would complain again when it flushes stdout at exit; pointing fd 1
+    at /dev/null stops that. 141 is what a shell reports for SIGPIPE.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13
 
 
 def print_json(obj: object) -> None:

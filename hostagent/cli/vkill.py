@@ -86,18 +86,20 @@ def _split_dash_signal(args: list[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class Target:
+    shown: str  # how messages name it: the user's pid, and the host's if it differs
     pid: int  # host pid
     start: int  # start time, clock ticks since boot
     cgroup: str | None
     context: Context
 
 
-def _host_target(pid: int, ctxmap: ContextMap) -> Target:
+def _host_target(pid: int, ctxmap: ContextMap, arg: str) -> Target:
     start = views.start_of(pid)
     if start is None:
-        raise VkillError(f"{pid}: no such process")
+        raise VkillError(f"{arg}: no such process")
     cg = cgroup_of(pid, ctxmap.hierarchy)
-    return Target(pid, start, cg, ctxmap.of_cgroup(cg))
+    shown = arg if arg == str(pid) else f"{arg} (host pid {pid})"
+    return Target(shown, pid, start, cg, ctxmap.of_cgroup(cg))
 
 
 def resolve(arg: str, ctxmap: ContextMap, ctx: int | None, guest: str | None) -> Target:
@@ -115,11 +117,11 @@ def resolve(arg: str, ctxmap: ContextMap, ctx: int | None, guest: str | None) ->
         host = views.host_pid_in(Cgroup(st.cgroup, ctxmap.hierarchy).procs(), level, pid)
         if host is None:
             raise VkillError(f"{pid}: no such process in vserver {guest}")
-        return _checked(_host_target(host, ctxmap), Context(st.context, guest), arg)
+        return _checked(_host_target(host, ctxmap, arg), Context(st.context, guest), arg)
     if ctx is None or ctx == 0:
-        t = _host_target(pid, ctxmap)
+        t = _host_target(pid, ctxmap, arg)
         if ctx == 0 and t.context.number != 0:
-            raise VkillError(f"{pid}: not in context 0 (it is in {t.context.number} "
+            raise VkillError(f"{arg}: not in context 0 (it is in {t.context.number} "
                              f"{t.context.label})")
         return t
     # A chcontext context: its own PID namespace is the shallowest of its processes'.
@@ -131,7 +133,7 @@ def resolve(arg: str, ctxmap: ContextMap, ctx: int | None, guest: str | None) ->
     host = views.host_pid_in(procs, min(depths) - 1, pid)
     if host is None:
         raise VkillError(f"{pid}: no such process in context {ctx}")
-    return _checked(_host_target(host, ctxmap), Context(ctx), arg)
+    return _checked(_host_target(host, ctxmap, arg), Context(ctx), arg)
 
 
 def _checked(t: Target, want: Context, arg: str) -> Target:
@@ -148,10 +150,10 @@ def refuse_private(t: Target, paths: Paths) -> None:
         flags = confmod.settings_from_file(paths.conf(name)).flags
     except (confmod.ConfigError, OSError) as e:
         # Fail closed: a conf we cannot read may well say private.
-        raise VkillError(f"{t.pid}: cannot read {name}'s configuration ({e}); not signalled") \
+        raise VkillError(f"{t.shown}: cannot read {name}'s configuration ({e}); not signalled") \
             from e
     if "private" in flags:
-        raise VkillError(f"{t.pid}: vserver {name} has the 'private' flag: "
+        raise VkillError(f"{t.shown}: vserver {name} has the 'private' flag: "
                          "the host may not signal its processes")
 
 
@@ -159,17 +161,17 @@ def send(t: Target, sig: int, ctxmap: ContextMap) -> None:
     try:
         fd = syscalls.pidfd_open(t.pid)
     except OSError as e:
-        raise VkillError(f"{t.pid}: no such process" if e.errno == errno.ESRCH
-                         else f"{t.pid}: {e.strerror}") from e
+        raise VkillError(f"{t.shown}: no such process" if e.errno == errno.ESRCH
+                         else f"{t.shown}: {e.strerror}") from e
     try:
         # The pidfd pins the process; if the pid was reused between looking
         # it up and opening it, start time or cgroup now differ.
         if views.start_of(t.pid) != t.start or cgroup_of(t.pid, ctxmap.hierarchy) != t.cgroup:
-            raise VkillError(f"{t.pid}: no such process (it exited)")
+            raise VkillError(f"{t.shown}: no such process (it exited)")
         try:
             syscalls.pidfd_send_signal(fd, sig)
         except OSError as e:
-            raise VkillError(f"{t.pid}: {e.strerror}") from e
+            raise VkillError(f"{t.shown}: {e.strerror}") from e
     finally:
         os.close(fd)
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from hostagent.cgroup import CgroupError
 from hostagent.paths import Paths
-from hostagent.views import Context, ContextMap, print_json
+from hostagent.views import Context, ContextMap, print_json, stdout_closed
 
 _TOKEN = re.compile(r"\S+")
 _JSON_FORMAT = ["-ww", "-o", "pid=,user:64=,pcpu=,pmem=,args="]
@@ -126,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         sys.stdout.write(text)
         return res.returncode
+    except BrokenPipeError:
+        return stdout_closed()
     except (OSError, CgroupError, ValueError) as e:
         print(f"vps: {e}", file=sys.stderr)
         return 1

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 
 from hostagent.cgroup import CgroupError
 from hostagent.paths import Paths
-from hostagent.views import Context, ContextMap, Proc, all_procs, print_json, user_name
+from hostagent.views import (
+    Context,
+    ContextMap,
+    Proc,
+    all_procs,
+    print_json,
+    stdout_closed,
+    user_name,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in roots:
                 sys.stdout.write("\n".join(tree.lines(r, a.arguments)) + "\n")
         return 0
+    except BrokenPipeError:
+        return stdout_closed()
     except (OSError, CgroupError) as e:
         print(f"vpstree: {e}", file=sys.stderr)
         return 1

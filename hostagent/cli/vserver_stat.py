@@ -28,7 +28,7 @@ from hostagent import conf as confmod
 from hostagent.cgroup import Cgroup, CgroupError
 from hostagent.paths import Paths
 from hostagent.usage import GuestUsage, usage_all
-from hostagent.views import print_json, running_states
+from hostagent.views import print_json, running_states, stdout_closed
 
 # The seed's "%-4d %4d %6s %6s %9s %9s %9s %-8s %s", CTX one wider: dynamic
 # contexts have five digits here (49152 up).
@@ -130,16 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         table = rows(Paths.from_env())
+        if args == ["--json"]:
+            print_json([dataclasses.asdict(r) for r in table])
+        else:
+            print("\n".join([HEADER, *(r.text() for r in table)]))
+        return 0
+    except BrokenPipeError:
+        return stdout_closed()
     except (OSError, CgroupError) as e:
         print(f"vserver-stat: {e}", file=sys.stderr)
         return 1
-    if args == ["--json"]:
-        print_json([dataclasses.asdict(r) for r in table])
-        return 0
-    print(HEADER)
-    for r in table:
-        print(r.text())
-    return 0
 
 
 if __name__ == "__main__":

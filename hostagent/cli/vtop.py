@@ -31,6 +31,7 @@ from hostagent.views import (
     mem_total,
     print_json,
     render_table,
+    stdout_closed,
     user_name,
 )
 
@@ -125,13 +126,12 @@ def _once(sampler: Sampler, delay: float, lines: int | None, json_out: bool) -> 
     sampler.sample()
     time.sleep(delay)
     rows = sampler.sample()
-    if lines is not None:
-        rows = rows[:lines]
+    shown = rows if lines is None else rows[:lines]
     if json_out:
-        print_json([r.as_dict() for r in rows])
+        print_json([r.as_dict() for r in shown])
     else:
         print(_summary(rows, sampler))
-        print("\n".join(render_table(HEADERS, (r.cells() for r in rows), RIGHT)))
+        print("\n".join(render_table(HEADERS, (r.cells() for r in shown), RIGHT)))
     return 0
 
 
@@ -183,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         curses.wrapper(_live, sampler, 2.0 if a.delay is None else a.delay)
         return 0
+    except BrokenPipeError:
+        return stdout_closed()
     except (OSError, CgroupError) as e:
         print(f"vtop: {e}", file=sys.stderr)
         return 1
