@@ -21,10 +21,12 @@ lint: deps
 
 # The whole suite: lint, then every test (root: kernel tests run for real).
 test: lint
+	@scripts/lxcfs.sh || true
 	$(VENV)/bin/pytest -n auto --dist loadfile
 
 run: deps
 	$(PY) manage.py migrate --noinput -v0
+	@scripts/lxcfs.sh || true
 	$(DEMO_ENV) $(PY) -m hostagent.demo
 	@echo "Panel: http://$(PANEL_ADDR)/  (Ctrl-C stops the panel; the demo vserver keeps running)"
 	$(PY) manage.py runserver --insecure --noreload $(PANEL_ADDR)

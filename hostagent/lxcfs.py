@@ -81,11 +81,11 @@ def _top_fstype(point: str) -> str | None:
 def probe() -> tuple[Path | None, str]:
     """(the lxcfs mount to use, or None; why not, when None)."""
     d = mount_dir()
-    try:
-        point = os.path.realpath(d, strict=True)
-    except OSError:
-        return None, f"{d} does not exist"
+    # Resolved through its parent: on the mount of a dead lxcfs even stat fails.
+    point = os.path.join(os.path.realpath(d.parent), d.name)
     fstype = _top_fstype(point)
+    if fstype is None and not os.path.isdir(point):
+        return None, f"{d} does not exist"
     if fstype != "fuse.lxcfs":
         what = f"a {fstype} mount" if fstype else "not a mount point"
         return None, f"{d} is {what}, not a fuse.lxcfs mount"

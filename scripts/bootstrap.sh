@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 DEB_PACKAGES=(
   busybox-static   # the tiny guests the tests and the demo build
   catatonit        # the small static PID 1 of guests without the fakeinit flag
+  lxcfs            # guests' own meminfo, cpuinfo, stat, loadavg, uptime (scripts/lxcfs.sh)
   libseccomp2      # seccomp filters, loaded through cffi
   iproute2 procps util-linux
   nftables         # the host-wide rule that drops packets with a forged guest source

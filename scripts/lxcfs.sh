@@ -32,18 +32,26 @@ if ! command -v lxcfs >/dev/null; then
   exit 1
 fi
 
-# The fstype of the uppermost mount at $1 (mountinfo field 5, then the type after " - ").
+# The fstype of the uppermost mount at $1 (mountinfo field 5, then the type
+# after " - "). mountinfo writes a backslash, space, tab or newline in a path
+# as an octal escape; awk -v would read backslashes in the pattern as escapes
+# of its own, so the path comes in through the environment.
 top_fstype() {
-  awk -v p="$1" '{ for (i = 7; i <= NF; i++) if ($i == "-") break;
-                   if ($5 == p) t = $(i + 1) } END { print t }' /proc/self/mountinfo
+  local p=${1//\\/\\134}
+  p=${p// /\\040}
+  p=${p//$'\t'/\\011}
+  p=${p//$'\n'/\\012}
+  P="$p" awk '{ for (i = 7; i <= NF; i++) if ($i == "-") break;
+                if ($5 == ENVIRON["P"]) t = $(i + 1) } END { print t }' /proc/self/mountinfo
 }
 # Does the lxcfs mounted at $dir answer? A dead one leaves a mount that fails with ENOTCONN.
 serving() {
   [ "$(top_fstype "$dir")" = fuse.lxcfs ] && head -c1 "$dir/proc/meminfo" >/dev/null 2>&1
 }
 
-mkdir -p "$dir" "$(dirname "$pidfile")" "$(dirname "$log")"
-dir=$(realpath "$dir")
+# Resolved through its parent: on the mount of a dead lxcfs, even stat fails (ENOTCONN).
+mkdir -p "$(dirname "$dir")" "$(dirname "$pidfile")" "$(dirname "$log")"
+dir="$(realpath "$(dirname "$dir")")/$(basename "$dir")"
 
 # One caller at a time (make test and the test suite's workers may race).
 exec 9>"$pidfile.lock"
@@ -53,9 +61,11 @@ if serving; then
   exit 0
 fi
 if [ "$(top_fstype "$dir")" = fuse.lxcfs ]; then
-  say "the lxcfs mounted at $dir has died; unmounting it (guests started since keep broken files until restarted)"
+  say "the lxcfs mounted at $dir has died; unmounting it (guests it served keep files" \
+      "that fail until they are restarted)"
   umount -l "$dir"
 fi
+mkdir -p "$dir"
 if [ ! -c /dev/fuse ]; then
   modprobe fuse 2>/dev/null || true
   if [ ! -c /dev/fuse ]; then
@@ -64,24 +74,23 @@ if [ ! -c /dev/fuse ]; then
   fi
 fi
 
-# -l: virtualise /proc/loadavg too (off by default); --enable-cfs: cpuinfo and
-# cpu/online count the CPUs a CFS quota allows, not only the cpuset's;
-# --enable-pidfd: follow each guest's PID 1 by pidfd, so a reused pid is never
-# taken for it. Without -f lxcfs daemonises once its mount is up. Fd 9 (the
-# lock) is not handed down: the daemon would hold the lock for good.
+# --enable-loadavg: virtualise /proc/loadavg too (off by default);
+# --enable-cfs: cpuinfo and cpu/online count the CPUs a CFS quota allows, not
+# only the cpuset's; --enable-pidfd: follow each guest's PID 1 by pidfd, so a
+# reused pid is never taken for it. lxcfs 5 always runs in the foreground
+# (-f is implied; Debian's init script backgrounds it with start-stop-daemon),
+# so setsid -f puts it in a session of its own, away from our terminal and
+# job. Fd 9 (the lock) is not handed down: the daemon would hold it for good.
 echo "--- $(date -Is) lxcfs $dir" >>"$log"
-if ! lxcfs --enable-loadavg --enable-cfs --enable-pidfd --pidfile="$pidfile" "$dir" \
-    </dev/null >>"$log" 2>&1 9>&-; then
-  say "failed to start; see $log:"
-  tail -n 5 "$log" >&2
-  exit 1
-fi
-for _ in $(seq 50); do
+setsid -f lxcfs --enable-loadavg --enable-cfs --enable-pidfd --pidfile="$pidfile" "$dir" \
+  </dev/null >>"$log" 2>&1 9>&-
+for _ in $(seq 100); do
   serving && break
-  sleep 0.1
+  sleep 0.05
 done
 if ! serving; then
-  say "started but $dir does not answer; see $log"
+  say "did not come up at $dir; the end of $log:"
+  tail -n 5 "$log" >&2
   exit 1
 fi
 # As Debian's init script does: the OOM killer must never pick lxcfs, or
