@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 CFS_PERIOD_US = 100_000
-ALL_CONTROLLERS = frozenset({"memory", "pids", "cpu", "io"})
+ALL_CONTROLLERS = frozenset({"memory", "pids", "cpu", "io", "cpuacct", "cpuset"})
 # NAME.conf keys a running guest takes at once through `vserver NAME set`.
 LIVE_KEYS = frozenset({"MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX",
                        "IO_WEIGHT"})
@@ -65,7 +65,9 @@ class Limits:
         lxcfs, the fork-bomb fence), cpu for any CPU setting or `sched`, io for IO_WEIGHT."""
         wanted = {"memory", "pids"}
         if self.sched or self.cpu_weight is not None or self.cpu_max is not None:
-            wanted.add("cpu")
+            # cpuacct and cpuset at the same path are where lxcfs looks for the
+            # guest's CPU time and CPU count (v1; on v2 `cpu` holds both).
+            wanted |= {"cpu", "cpuacct", "cpuset"}
         if self.io_weight is not None:
             wanted.add("io")
         return wanted
@@ -118,7 +120,7 @@ def controller_hierarchies() -> dict[str, Hierarchy]:
             continue
         options = set(opts.split(","))
         for name, v1 in (("memory", "memory"), ("pids", "pids"), ("cpu", "cpu"),
-                         ("io", "blkio")):
+                         ("io", "blkio"), ("cpuacct", "cpuacct"), ("cpuset", "cpuset")):
             if name not in found and v1 in options:
                 found[name] = Hierarchy(Path(point), 1, v1)
     return found
@@ -140,6 +142,20 @@ class GuestCgroups:
             if cg.hierarchy.version == 2:
                 self._enable_v2(name, cg)
             cg.create()
+            if name == "cpuset" and cg.hierarchy.version == 1:
+                self._inherit_cpuset(cg)
+
+    def _inherit_cpuset(self, cg: Cgroup) -> None:
+        """A v1 cpuset takes no task until its cpus and mems are set: copy the parent's,
+        level by level down to the guest."""
+        path = cg.hierarchy.mount
+        for part in Path(self.relpath).parts:
+            child = path / part
+            for f in ("cpuset.cpus", "cpuset.mems"):
+                with contextlib.suppress(OSError):
+                    if not (child / f).read_text().strip():
+                        (child / f).write_text((path / f).read_text().strip() or "0")
+            path = child
 
     def _enable_v2(self, controller: str, cg: Cgroup) -> None:
         """Turn CONTROLLER on along the path down to the guest (v2 hands them down explicitly)."""

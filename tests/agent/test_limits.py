@@ -189,3 +189,25 @@ def test_limit_cgroups_go_with_the_guest(vroots: Paths) -> None:
     assert [p for p in made if p.exists()] == []
     assert not (vroots.rundir / "gone.limits").exists()
     assert tracking_hierarchy()  # still there for everyone else
+
+
+def _lxcfs_or_skip() -> None:
+    from hostagent import lxcfs
+
+    if lxcfs.mountpoint() is None:
+        pytest.skip("lxcfs is not running here (make test starts it with scripts/lxcfs.sh)")
+
+
+def test_guest_sees_its_memory_limit_and_cpu_quota_as_its_own_machine(vroots: Paths) -> None:
+    _lxcfs_or_skip()
+    build(vroots, "own", MEMORY_LIMIT="192M", CPU_MAX="1")
+    guest.start(vroots, "own")
+    code, out = run_in(vroots, "own", "grep MemTotal /proc/meminfo; "
+                       "grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online")
+    assert code == 0
+    memtotal, cpus, online = out.splitlines()
+    assert memtotal.split()[1] == str(192 * 1024), out  # kB
+    assert (cpus, online) == ("1", "0"), out
+    # Changing the limit changes what the guest sees, without a restart.
+    guest.set_key(vroots, "own", "MEMORY_LIMIT", "96M")
+    assert run_in(vroots, "own", "grep MemTotal /proc/meminfo")[1].split()[1] == str(96 * 1024)
