@@ -43,8 +43,11 @@ demo-status: deps
 demo-stop: deps
 	$(DEMO_ENV) $(VENV)/bin/vserver demo stop
 
+# Each benchmark runs its named peer in the same run and prints the ratio.
 bench: deps
 	$(PY) bench/start_stop.py
+	$(PY) bench/net_setup.py
+	$(PY) bench/density.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
