@@ -18,16 +18,15 @@ own; everything is stopped and removed at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
+
+from roots import bench_roots  # bench/roots.py, beside this script
 
 from hostagent import guest, limits, syscalls
 from hostagent.cgroup import Cgroup
@@ -84,13 +83,11 @@ def main() -> int:
         print("bench/density.py: needs root and unshare(1)", file=sys.stderr)
         return 2
     syscalls.unshare(syscalls.CLONE_NEWNET)  # nothing here touches the real network
-    tmp = Path(tempfile.mkdtemp(prefix="vpanel-density-"))
-    os.environ.update(
-        VSERVER_CONFDIR=str(tmp / "etc"), VSERVER_ROOTDIR=str(tmp / "vservers"),
-        VSERVER_RUNDIR=str(tmp / "run"), VSERVER_CGROUP=f"vpanel-density-{uuid.uuid4().hex[:6]}",
-    )
-    paths = Paths.from_env()
-    paths.ensure()
+    with bench_roots("density") as paths:
+        return _run(paths, n, unshare)
+
+
+def _run(paths: Paths, n: int, unshare: str) -> int:
     names = [f"d{i}" for i in range(n)]
     sleepers: list[subprocess.Popen[bytes]] = []
     try:
@@ -146,16 +143,6 @@ def main() -> int:
         for p in sleepers:
             p.kill()
             p.wait()
-        for name in names:
-            with contextlib.suppress(guest.GuestError):
-                guest.stop(paths, name, timeout=0)
-        base_cg = Cgroup(os.environ["VSERVER_CGROUP"])
-        if base_cg.exists():
-            base_cg.kill()
-            base_cg.wait_empty(5)
-            base_cg.remove()
-        os.chmod(paths.rootdir, 0o700)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from pathlib import Path
+
+from roots import bench_roots  # bench/roots.py, beside this script
 
 from hostagent import guest
-from hostagent.cgroup import Cgroup
-from hostagent.paths import Paths
 
 
 def _ms(t0: float) -> float:
@@ -49,15 +46,8 @@ def main() -> int:
         print("bench/start_stop.py: unshare(1) not found (util-linux)", file=sys.stderr)
         return 2
 
-    tmp = Path(tempfile.mkdtemp(prefix="vpanel-bench-"))
-    os.environ.update(
-        VSERVER_CONFDIR=str(tmp / "etc"), VSERVER_ROOTDIR=str(tmp / "vservers"),
-        VSERVER_RUNDIR=str(tmp / "run"), VSERVER_CGROUP=f"vpanel-bench-{uuid.uuid4().hex[:8]}",
-    )
-    paths = Paths.from_env()
-    paths.ensure()
     name = "bench"
-    try:
+    with bench_roots("bench") as paths:
         guest.build(paths, name, guest.BuildOptions(method="busybox"))
         root = paths.root(name)
         for link in (root / "etc/rc3.d").iterdir():
@@ -105,17 +95,6 @@ def main() -> int:
         print(f"ratio vpanel/unshare: {med_ours / med_peer:.2f} "
               f"(median of paired ratios {statistics.median(ratios):.2f})")
         return 0
-    finally:
-        try:
-            guest.stop(paths, name, timeout=0)
-        finally:
-            cg = Cgroup(os.environ["VSERVER_CGROUP"])
-            if cg.exists():
-                cg.kill()
-                cg.wait_empty(5)
-                cg.remove()
-            os.chmod(paths.rootdir, 0o700)
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
