@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from hostagent import caps as capmod
 from hostagent import conf as confmod
-from hostagent import context, limits, procfs, seccomp, syscalls
+from hostagent import context, limits, procfs, seccomp, syscalls, templates
 from hostagent.cgroup import Cgroup, cgroup_base, cgroup_of, tracking_hierarchy
 from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.names import check_name
@@ -275,9 +275,14 @@ def build(paths: Paths, name: str, opts: BuildOptions,
     from hostagent import build as buildmod
 
     check_name(name)
-    if opts.method not in buildmod.METHODS:
+    methods = (*buildmod.METHODS, templates.TEMPLATE_METHOD)
+    if opts.method not in methods:
         raise GuestError(f"unknown build method {opts.method!r}; use one of "
-                         + ", ".join(buildmod.METHODS))
+                         + ", ".join(methods))
+    if opts.method == templates.TEMPLATE_METHOD:
+        if not opts.source:
+            raise GuestError("build -m template needs the template's name")
+        check_name(opts.source)
     with _locked(paths, name):
         conf_path, root = paths.conf(name), paths.root(name)
         if conf_path.exists() or root.exists() or os.path.lexists(root):
@@ -303,8 +308,11 @@ def build(paths: Paths, name: str, opts: BuildOptions,
             raise GuestError(str(e)) from e
         _check_addresses_free(paths, name, opts.ips)
         try:
-            buildmod.build_root(root, opts.method, opts.source, log=log)
-        except buildmod.BuildError as e:
+            if opts.method == templates.TEMPLATE_METHOD:
+                templates.build_guest(paths, name, opts.source or "")
+            else:
+                buildmod.build_root(root, opts.method, opts.source, log=log)
+        except (buildmod.BuildError, templates.TemplateError, OSError) as e:
             raise GuestError(f"{name}: build failed: {e}") from e
         try:
             conf_path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,8 +323,18 @@ def build(paths: Paths, name: str, opts: BuildOptions,
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            buildmod.delete_root(root)
+            _remove_tree(paths, name)
             raise
+
+
+def _remove_tree(paths: Paths, name: str) -> None:
+    """A guest's files: its own layer and mount if unified, else its whole tree."""
+    from hostagent import build as buildmod
+
+    if templates.is_unified(paths, name):
+        templates.remove_guest(paths, name)
+    else:
+        buildmod.delete_root(paths.root(name))
 
 
 def delete(paths: Paths, name: str) -> None:
@@ -328,13 +346,13 @@ def delete(paths: Paths, name: str) -> None:
         if running(paths, name):
             raise GuestError(f"{name} is running; stop it first")
         conf_path, root = paths.conf(name), paths.root(name)
-        if not conf_path.exists() and not root.exists():
+        if not conf_path.exists() and not root.exists() \
+                and not templates.is_unified(paths, name):
             raise GuestError(f"{name}: no such vserver")
-        if root.exists():
-            try:
-                buildmod.delete_root(root)
-            except buildmod.BuildError as e:
-                raise GuestError(str(e)) from e
+        try:
+            _remove_tree(paths, name)
+        except (buildmod.BuildError, templates.TemplateError, OSError) as e:
+            raise GuestError(str(e)) from e
         for p in (conf_path, paths.state(name)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -383,6 +401,13 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
             raise GuestError(f"{name} is already running")
         s = _load_settings(paths, name)
         root = paths.root(name)
+        template = templates.template_of(s.build_method)
+        if template is not None:
+            # After a host reboot the merged tree is not mounted yet.
+            try:
+                templates.mount_guest(paths, name, template)
+            except (templates.TemplateError, OSError) as e:
+                raise GuestError(f"{name}: {e}") from e
         if not root.is_dir():
             raise GuestError(f"{name}: root {root} does not exist; build it first")
         registry = ContextRegistry(paths.rundir)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hostagent import guest
+from hostagent import guest, syscalls
 from hostagent.cgroup import Cgroup
 from hostagent.paths import Paths
 
@@ -56,6 +56,9 @@ def vroots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root_required: None)
             parent.kill()
             parent.wait_empty(5)
             parent.remove()
+        # Unified guests keep their merged tree mounted on the host.
+        for point in sorted(mounts_under(base), key=len, reverse=True):
+            syscalls.umount2(point, syscalls.MNT_DETACH)
         # The root directory is mode 000 (the seed's barrier); let tmp_path go.
         os.chmod(paths.rootdir, 0o700)
 
@@ -65,6 +68,18 @@ def busybox_guest(vroots: Paths) -> Iterator[str]:
     """A built (not started) busybox guest named 'bb'."""
     guest.build(vroots, "bb", guest.BuildOptions(method="busybox"))
     yield "bb"
+
+
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below PATH in this mount namespace."""
+    prefix = str(path).rstrip("/") + "/"
+    points = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point == str(path) or point.startswith(prefix):
+                points.append(point)
+    return points
 
 
 def mounts_mentioning(path: Path) -> list[str]:
