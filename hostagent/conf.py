@@ -73,6 +73,7 @@ KNOWN_KEYS: tuple[str, ...] = (
     "PIDS_MAX",
     "IO_WEIGHT",
     "NOFILE",
+    "DISK_LIMIT",
 )
 
 # The seed's context flags (chcontext --flag). `minit` was a pseudo-flag of
@@ -479,6 +480,7 @@ class GuestSettings:
     pids_max: int | None = None
     io_weight: int | None = None  # 1..10000
     nofile: int | None = None  # RLIMIT_NOFILE of every guest process
+    disk_limit: int | None = None  # bytes the guest itself may add (hostagent/quota.py)
 
 
 def _valid_ifname(name: str) -> bool:
@@ -724,11 +726,12 @@ def settings(conf: GuestConf) -> GuestSettings:
         pids_max=r.optional_integer("PIDS_MAX", (1, 4194304)),
         io_weight=r.optional_integer("IO_WEIGHT", (1, 10000)),
         nofile=r.optional_integer("NOFILE", (64, 1 << 20)),
+        disk_limit=_size(r, "DISK_LIMIT", minimum=16 << 20),
     )
 
 
 _LIMIT_KEYS = ("MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX",
-               "IO_WEIGHT", "NOFILE")
+               "IO_WEIGHT", "NOFILE", "DISK_LIMIT")
 _SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)(i?B?)?\Z", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -830,9 +833,10 @@ _TEMPLATE: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
             "(100 = an ordinary share); CPU_MAX in cores (0.5, 2); PIDS_MAX; IO_WEIGHT",
             "1..10000; NOFILE, the open-files limit of every process. `vserver NAME set`",
             "changes them on a running guest; `vserver NAME status` says how each is enforced.",
+            "DISK_LIMIT: what the guest itself may write (btrfs qgroups; set at build).",
         ),
         ("MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX", "IO_WEIGHT",
-         "NOFILE"),
+         "NOFILE", "DISK_LIMIT"),
     ),
 )
 

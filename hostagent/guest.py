@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from hostagent import caps as capmod
 from hostagent import conf as confmod
-from hostagent import context, limits, procfs, seccomp, syscalls, templates
+from hostagent import context, limits, procfs, quota, seccomp, syscalls, templates
 from hostagent.cgroup import Cgroup, cgroup_base, cgroup_of, tracking_hierarchy
 from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.names import check_name
@@ -266,6 +266,7 @@ class BuildOptions:
     context: int | None = None
     allow_unsafe_caps: bool = False
     description: str | None = None
+    disk_limit: str | None = None  # a size; needs $VSERVER_ROOTDIR on btrfs
 
 
 def build(paths: Paths, name: str, opts: BuildOptions,
@@ -302,17 +303,31 @@ def build(paths: Paths, name: str, opts: BuildOptions,
                 flags=tuple(opts.flags) if opts.flags else ("lock",),
                 ulimit=opts.ulimit or "",
                 build_method=opts.method + (f" {opts.source}" if opts.source else ""),
+                limit_values={"DISK_LIMIT": opts.disk_limit} if opts.disk_limit else None,
             )
-            confmod.settings(confmod.GuestConf.parse(text, str(conf_path)))
+            settings = confmod.settings(confmod.GuestConf.parse(text, str(conf_path)))
         except (confmod.ConfigError, capmod.CapabilityError, ValueError) as e:
             raise GuestError(str(e)) from e
         _check_addresses_free(paths, name, opts.ips)
+        if settings.disk_limit is not None:
+            why = quota.support(paths.rootdir)
+            if why is not None:
+                raise GuestError(f"{name}: DISK_LIMIT cannot be enforced: {why}")
         try:
+            limited = settings.disk_limit is not None
             if opts.method == templates.TEMPLATE_METHOD:
-                templates.build_guest(paths, name, opts.source or "")
+                templates.build_guest(paths, name, opts.source or "", subvolume=limited)
+                own = templates.overlay_dirs(paths, name)[0].parent
             else:
                 buildmod.build_root(root, opts.method, opts.source, log=log)
-        except (buildmod.BuildError, templates.TemplateError, OSError) as e:
+                if limited:
+                    _into_subvolume(root)
+                own = root
+            if limited:
+                quota.set_limit(own, settings.disk_limit)
+        except (buildmod.BuildError, templates.TemplateError, quota.QuotaError, OSError) as e:
+            with contextlib.suppress(Exception):
+                _remove_tree(paths, name)
             raise GuestError(f"{name}: build failed: {e}") from e
         try:
             conf_path.parent.mkdir(parents=True, exist_ok=True)
@@ -331,10 +346,38 @@ def _remove_tree(paths: Paths, name: str) -> None:
     """A guest's files: its own layer and mount if unified, else its whole tree."""
     from hostagent import build as buildmod
 
+    root = paths.root(name)
     if templates.is_unified(paths, name):
         templates.remove_guest(paths, name)
+    elif quota.is_subvolume(root):
+        quota.delete_subvolume(root)
     else:
-        buildmod.delete_root(paths.root(name))
+        buildmod.delete_root(root)
+
+
+def _into_subvolume(root: Path) -> None:
+    """Move a freshly built tree into a btrfs subvolume of its own (reflinked: no copy)."""
+    sub = root.with_name(f".{root.name}.subvol")
+    quota.make_subvolume(sub)
+    try:
+        subprocess.run(["cp", "-a", "--reflink=always", f"{root}/.", str(sub)],
+                       check=True, capture_output=True)
+        os.chmod(sub, os.stat(root).st_mode & 0o7777)
+        from hostagent import build as buildmod
+
+        buildmod.delete_root(root)
+        os.rename(sub, root)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            quota.delete_subvolume(sub)
+        raise
+
+
+def disk_of(paths: Paths, name: str) -> Path | None:
+    """The subvolume that holds what the guest itself wrote, if it has one."""
+    own = templates.overlay_dirs(paths, name)[0].parent if templates.is_unified(paths, name) \
+        else paths.root(name)
+    return own if quota.is_subvolume(own) else None
 
 
 def delete(paths: Paths, name: str) -> None:
@@ -763,6 +806,16 @@ def set_key(paths: Paths, name: str, key: str, value: str) -> list[str]:
             conf.save(path)
         except (confmod.ConfigError, ValueError) as e:
             raise GuestError(str(e)) from e
+        if key == "DISK_LIMIT":
+            own = disk_of(paths, name)
+            if own is None:
+                raise GuestError(f"{name} was built without DISK_LIMIT: its files are not in a "
+                                 "subvolume of their own; rebuild it with one")
+            try:
+                how = quota.set_limit(own, s.disk_limit)
+            except quota.QuotaError as e:
+                raise GuestError(str(e)) from e
+            return [f"DISK_LIMIT={value or 'none'}: enforced ({how})"]
         st = read_state(paths, name)
         if st is None or not _alive(st):
             return [f"{key} saved; {name} is not running"]
@@ -798,6 +851,7 @@ class Status:
     addresses: tuple[str, ...] = ()
     shared_network: bool = False  # IPROOT="ALL": the seed's unrestricted guest
     limits: tuple[str, ...] = ()  # each limit, and whether and how it is enforced
+    disk: str | None = None  # "used of limit", where the guest has its own subvolume
 
     def text(self) -> str:
         if not self.running:
@@ -813,9 +867,23 @@ class Status:
         else:
             lines.append("Addresses: " + (" ".join(self.addresses) or "none (lo only)"))
         lines.extend(f"Limit {line}" for line in self.limits)
+        if self.disk:
+            lines.append(f"Disk: {self.disk}")
         if self.unenforced:
             lines.append("Flags not enforced on this host yet: " + " ".join(self.unenforced))
         return "\n".join(lines)
+
+
+def _disk_text(paths: Paths, name: str) -> str | None:
+    own = disk_of(paths, name)
+    if own is None:
+        return None
+    try:
+        u = quota.usage(own)
+    except quota.QuotaError as e:
+        return f"unknown ({e})"
+    limit = "no limit" if u.limit is None else f"limit {u.limit >> 20} MiB"
+    return f"{u.exclusive >> 20} MiB of its own, {limit} (btrfs qgroup, exclusive bytes)"
 
 
 def format_uptime(seconds: float) -> str:
@@ -838,4 +906,5 @@ def status(paths: Paths, name: str) -> Status:
                   tuple(sorted(s.flags & NOT_YET_ENFORCED)),
                   tuple(str(confmod.parse_ip_token(t).address) for t in s.iproot),
                   s.iproot_unrestricted,
-                  tuple(a.text() for a in limits.load_applied(_limits_file(paths, name))))
+                  tuple(a.text() for a in limits.load_applied(_limits_file(paths, name))),
+                  _disk_text(paths, name))

@@ -216,7 +216,7 @@ def mount_guest(paths: Paths, guest: str, template: str) -> None:
     syscalls.mount("overlay", root, "overlay", 0, opts)
 
 
-def build_guest(paths: Paths, guest: str, template: str) -> None:
+def build_guest(paths: Paths, guest: str, template: str, subvolume: bool = False) -> None:
     """A unified guest: empty upper and work directories, and the merged tree mounted.
 
     Everything made is removed again if a step fails.
@@ -230,7 +230,14 @@ def build_guest(paths: Paths, guest: str, template: str) -> None:
         raise TemplateError(f"{root} or {upper.parent} already exists")
     try:
         upper.parent.parent.mkdir(mode=0o700, exist_ok=True)
-        upper.parent.mkdir(mode=0o700)
+        if subvolume:
+            # Its own btrfs subvolume, so a qgroup can limit what the guest adds.
+            from hostagent import quota
+
+            quota.make_subvolume(upper.parent)
+            os.chmod(upper.parent, 0o700)
+        else:
+            upper.parent.mkdir(mode=0o700)
         upper.mkdir(mode=0o755)
         work.mkdir(mode=0o700)
         # The upper layer's root takes the template root's owner and mode.
@@ -252,5 +259,9 @@ def remove_guest(paths: Paths, guest: str) -> None:
         root.rmdir()
     upper, _ = overlay_dirs(paths, guest)
     from hostagent import build as buildmod
+    from hostagent import quota
 
-    buildmod.delete_root(upper.parent)
+    if quota.is_subvolume(upper.parent):
+        quota.delete_subvolume(upper.parent)
+    else:
+        buildmod.delete_root(upper.parent)

@@ -48,6 +48,8 @@ def _build_parser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--onboot", action="store_true", help="ONBOOT=yes")
     p.add_argument("--context", type=int, help="S_CONTEXT, a fixed context id (2..49151)")
     p.add_argument("--description", help="DESCRIPTION shown by the listing tools")
+    p.add_argument("--disk-limit", metavar="SIZE",
+                   help="DISK_LIMIT, e.g. 2G: what the guest itself may write (btrfs)")
     return p
 
 
@@ -93,7 +95,7 @@ def _run(paths: Paths, name: str, verb: str, rest: list[str], out: guest.Output)
             method=a.method, source=a.source, hostname=a.hostname, ips=a.ip,
             caps=_words(a.caps), flags=_words(a.flags), nice=a.nice, ulimit=a.ulimit,
             onboot=a.onboot, context=a.context, allow_unsafe_caps=a.allow_unsafe_caps,
-            description=a.description,
+            description=a.description, disk_limit=a.disk_limit,
         )
         guest.build(paths, name, opts, log=lambda m: out and out((m + "\n").encode()))
         if out:

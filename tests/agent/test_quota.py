@@ -1,0 +1,120 @@
+"""Disk quota per guest on a loop-mounted btrfs made by the test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostagent import guest, quota, syscalls, templates
+from hostagent.paths import Paths
+
+
+@pytest.fixture
+def btrfs_roots(vroots: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Paths]:
+    """VSERVER_ROOTDIR on a fresh 400 MB btrfs; unmounted (and the loop freed) whatever happens."""
+    if shutil.which("mkfs.btrfs") is None:
+        pytest.skip("mkfs.btrfs is missing (scripts/bootstrap.sh installs btrfs-progs)")
+    image, mnt = tmp_path / "btrfs.img", tmp_path / "btrfs"
+    with open(image, "wb") as f:
+        f.truncate(400 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        monkeypatch.setenv("VSERVER_ROOTDIR", str(mnt / "vservers"))
+        paths = Paths.from_env()
+        paths.ensure()
+        try:
+            yield paths
+        finally:
+            for name in paths.guest_names():
+                try:
+                    guest.stop(paths, name, timeout=0)
+                    guest.delete(paths, name)
+                except guest.GuestError:
+                    pass
+            for point in sorted(_mounts_under(mnt), key=len, reverse=True):
+                syscalls.umount2(point, syscalls.MNT_DETACH)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [p for p in (line.split()[4] for line in f)
+                if p.startswith(str(path) + "/")]
+
+
+def write(paths: Paths, name: str, mb: int, where: str = "/root/big") -> str:
+    buf = bytearray()
+    guest.exec_in(paths, name, ["/bin/sh", "-c",
+                                f"dd if=/dev/zero of={where} bs=1M count={mb} conv=fsync; "
+                                "echo rc=$?"], output=buf.extend)
+    return buf.decode(errors="replace")
+
+
+def test_a_guest_writing_past_its_limit_gets_edquot_while_others_keep_space(
+        btrfs_roots: Paths) -> None:
+    paths = btrfs_roots
+    guest.build(paths, "small", guest.BuildOptions(method="busybox", disk_limit="30M"))
+    guest.build(paths, "other", guest.BuildOptions(method="busybox"))
+    guest.start(paths, "small")
+    guest.start(paths, "other")
+    out = write(paths, "small", 60)
+    assert "Disk quota exceeded" in out and "rc=0" not in out, out
+    used = quota.usage(paths.root("small"))
+    assert used.limit == 30 << 20 and used.exclusive <= 31 << 20
+    # Another guest and the host still have their space.
+    assert "rc=0" in write(paths, "other", 40)
+    host_file = paths.rootdir / "host-file"
+    host_file.write_bytes(b"\0" * (20 << 20))
+    assert "Disk: " in guest.status(paths, "small").text()
+
+
+def test_a_unified_guest_is_charged_only_for_what_it_changed(btrfs_roots: Paths) -> None:
+    paths = btrfs_roots
+    templates.create(paths, "t", "busybox", None)
+    (templates.template_path(paths, "t") / "usr/big-shared").write_bytes(os.urandom(25 << 20))
+    guest.build(paths, "u", guest.BuildOptions(method="template", source="t", disk_limit="20M"))
+    guest.start(paths, "u")
+    own = guest.disk_of(paths, "u")
+    assert own is not None and quota.usage(own).exclusive < 1 << 20  # the template is free
+    out = write(paths, "u", 40)
+    assert "Disk quota exceeded" in out, out
+    assert quota.usage(own).exclusive <= 21 << 20
+
+
+def test_disk_limit_changes_with_set(btrfs_roots: Paths) -> None:
+    paths = btrfs_roots
+    guest.build(paths, "g", guest.BuildOptions(method="busybox", disk_limit="20M"))
+    guest.set_key(paths, "g", "DISK_LIMIT", "50M")
+    assert quota.usage(paths.root("g")).limit == 50 << 20
+    guest.start(paths, "g")
+    assert "rc=0" in write(paths, "g", 30)
+
+
+def test_delete_removes_the_guests_subvolumes(btrfs_roots: Paths) -> None:
+    paths = btrfs_roots
+    templates.create(paths, "t", "busybox", None)
+    guest.build(paths, "p", guest.BuildOptions(method="busybox", disk_limit="20M"))
+    guest.build(paths, "u", guest.BuildOptions(method="template", source="t", disk_limit="20M"))
+    assert quota.is_subvolume(paths.root("p"))
+    for name in ("p", "u"):
+        guest.delete(paths, name)
+    listing = subprocess.run(["btrfs", "subvolume", "list", str(paths.rootdir)],
+                             capture_output=True, text=True, check=True).stdout
+    assert listing.strip() == ""
+
+
+def test_disk_limit_without_quota_support_is_refused(vroots: Paths) -> None:
+    why = quota.support(vroots.rootdir)
+    if why is None:
+        pytest.skip("this tmp directory is on btrfs: nothing to refuse")
+    with pytest.raises(guest.GuestError, match="DISK_LIMIT cannot be enforced"):
+        guest.build(vroots, "x", guest.BuildOptions(method="busybox", disk_limit="1G"))
+    assert vroots.guest_names() == [] and not vroots.root("x").exists()
