@@ -74,6 +74,7 @@ KNOWN_KEYS: tuple[str, ...] = (
     "IO_WEIGHT",
     "NOFILE",
     "DISK_LIMIT",
+    "DISK_LIMIT_MODE",
 )
 
 # The seed's context flags (chcontext --flag). `minit` was a pseudo-flag of
@@ -481,6 +482,7 @@ class GuestSettings:
     io_weight: int | None = None  # 1..10000
     nofile: int | None = None  # RLIMIT_NOFILE of every guest process
     disk_limit: int | None = None  # bytes the guest itself may add (hostagent/quota.py)
+    disk_limit_mode: str = "auto"  # auto (btrfs qgroup) or image (a loop-mounted ext4 image)
 
 
 def _valid_ifname(name: str) -> bool:
@@ -727,11 +729,13 @@ def settings(conf: GuestConf) -> GuestSettings:
         io_weight=r.optional_integer("IO_WEIGHT", (1, 10000)),
         nofile=r.optional_integer("NOFILE", (64, 1 << 20)),
         disk_limit=_size(r, "DISK_LIMIT", minimum=16 << 20),
+        disk_limit_mode=r.optional("DISK_LIMIT_MODE", lambda v: v in ("auto", "image"),
+                                   "auto or image") or "auto",
     )
 
 
 _LIMIT_KEYS = ("MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX",
-               "IO_WEIGHT", "NOFILE", "DISK_LIMIT")
+               "IO_WEIGHT", "NOFILE", "DISK_LIMIT", "DISK_LIMIT_MODE")
 _SIZE_RE = re.compile(r"([0-9]+)([KMGT]?)(i?B?)?\Z", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -833,10 +837,11 @@ _TEMPLATE: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
             "(100 = an ordinary share); CPU_MAX in cores (0.5, 2); PIDS_MAX; IO_WEIGHT",
             "1..10000; NOFILE, the open-files limit of every process. `vserver NAME set`",
             "changes them on a running guest; `vserver NAME status` says how each is enforced.",
-            "DISK_LIMIT: what the guest itself may write (btrfs qgroups; set at build).",
+            "DISK_LIMIT: what the guest itself may write, set at build: a btrfs qgroup, or",
+            'with DISK_LIMIT_MODE="image" a fixed-size filesystem image of its own.',
         ),
         ("MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX", "IO_WEIGHT",
-         "NOFILE", "DISK_LIMIT"),
+         "NOFILE", "DISK_LIMIT", "DISK_LIMIT_MODE"),
     ),
 )
 

@@ -266,7 +266,8 @@ class BuildOptions:
     context: int | None = None
     allow_unsafe_caps: bool = False
     description: str | None = None
-    disk_limit: str | None = None  # a size; needs $VSERVER_ROOTDIR on btrfs
+    disk_limit: str | None = None  # a size; needs $VSERVER_ROOTDIR on btrfs, or disk_image
+    disk_image: bool = False  # DISK_LIMIT_MODE="image"
 
 
 def build(paths: Paths, name: str, opts: BuildOptions,
@@ -303,18 +304,26 @@ def build(paths: Paths, name: str, opts: BuildOptions,
                 flags=tuple(opts.flags) if opts.flags else ("lock",),
                 ulimit=opts.ulimit or "",
                 build_method=opts.method + (f" {opts.source}" if opts.source else ""),
-                limit_values={"DISK_LIMIT": opts.disk_limit} if opts.disk_limit else None,
+                limit_values=({"DISK_LIMIT": opts.disk_limit,
+                               "DISK_LIMIT_MODE": "image" if opts.disk_image else ""}
+                              if opts.disk_limit else None),
             )
             settings = confmod.settings(confmod.GuestConf.parse(text, str(conf_path)))
         except (confmod.ConfigError, capmod.CapabilityError, ValueError) as e:
             raise GuestError(str(e)) from e
         _check_addresses_free(paths, name, opts.ips)
-        if settings.disk_limit is not None:
+        by_image = settings.disk_limit is not None and settings.disk_limit_mode == "image"
+        if by_image and opts.method == templates.TEMPLATE_METHOD:
+            raise GuestError(f"{name}: a unified guest's disk limit is a btrfs qgroup; "
+                             'DISK_LIMIT_MODE="image" is for plain guests')
+        if settings.disk_limit is not None and not by_image:
             why = quota.support(paths.rootdir)
             if why is not None:
-                raise GuestError(f"{name}: DISK_LIMIT cannot be enforced: {why}")
+                raise GuestError(f"{name}: DISK_LIMIT cannot be enforced: {why}; or set "
+                                 'DISK_LIMIT_MODE="image" for a fixed-size image of its own')
+        _sweep_stale_builds(paths, name)
         try:
-            limited = settings.disk_limit is not None
+            limited = settings.disk_limit is not None and not by_image
             if opts.method == templates.TEMPLATE_METHOD:
                 templates.build_guest(paths, name, opts.source or "", subvolume=limited)
                 own = templates.overlay_dirs(paths, name)[0].parent
@@ -322,6 +331,9 @@ def build(paths: Paths, name: str, opts: BuildOptions,
                 buildmod.build_root(root, opts.method, opts.source, log=log)
                 if limited:
                     _into_subvolume(root)
+                elif by_image and settings.disk_limit is not None:
+                    quota.move_into_image(root, quota.image_path(paths.rootdir, name),
+                                          settings.disk_limit)
                 own = root
             if limited:
                 quota.set_limit(own, settings.disk_limit)
@@ -347,12 +359,34 @@ def _remove_tree(paths: Paths, name: str) -> None:
     from hostagent import build as buildmod
 
     root = paths.root(name)
+    image = quota.image_path(paths.rootdir, name)
     if templates.is_unified(paths, name):
         templates.remove_guest(paths, name)
     elif quota.is_subvolume(root):
         quota.delete_subvolume(root)
+    elif image.exists():
+        if os.path.ismount(root):
+            syscalls.umount2(root, syscalls.UMOUNT_NOFOLLOW)
+        with contextlib.suppress(OSError):
+            root.rmdir()
+        image.unlink()
     else:
         buildmod.delete_root(root)
+
+
+def _sweep_stale_builds(paths: Paths, name: str) -> None:
+    """What a build killed half-way left (its temporary tree or image staging), removed
+    by the next build of that name; we hold the guest's lock, so none is in use."""
+    from hostagent import build as buildmod
+
+    for p in paths.rootdir.glob(f".{name}.*"):
+        if p.name.startswith((f".{name}.build-", f".{name}.image", f".{name}.subvol")):
+            if os.path.ismount(p):
+                syscalls.umount2(p, syscalls.MNT_DETACH)
+            if quota.is_subvolume(p):
+                quota.delete_subvolume(p)
+            else:
+                buildmod.delete_root(p)
 
 
 def _into_subvolume(root: Path) -> None:
@@ -390,7 +424,8 @@ def delete(paths: Paths, name: str) -> None:
             raise GuestError(f"{name} is running; stop it first")
         conf_path, root = paths.conf(name), paths.root(name)
         if not conf_path.exists() and not root.exists() \
-                and not templates.is_unified(paths, name):
+                and not templates.is_unified(paths, name) \
+                and not quota.image_path(paths.rootdir, name).exists():
             raise GuestError(f"{name}: no such vserver")
         try:
             _remove_tree(paths, name)
@@ -445,12 +480,15 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
         s = _load_settings(paths, name)
         root = paths.root(name)
         template = templates.template_of(s.build_method)
-        if template is not None:
-            # After a host reboot the merged tree is not mounted yet.
-            try:
+        image = quota.image_path(paths.rootdir, name)
+        try:
+            # After a host reboot the merged tree or the image is not mounted yet.
+            if template is not None:
                 templates.mount_guest(paths, name, template)
-            except (templates.TemplateError, OSError) as e:
-                raise GuestError(f"{name}: {e}") from e
+            elif image.exists():
+                quota.mount_image(image, root)
+        except (templates.TemplateError, quota.QuotaError, OSError) as e:
+            raise GuestError(f"{name}: {e}") from e
         if not root.is_dir():
             raise GuestError(f"{name}: root {root} does not exist; build it first")
         registry = ContextRegistry(paths.rundir)
@@ -806,6 +844,9 @@ def set_key(paths: Paths, name: str, key: str, value: str) -> list[str]:
             conf.save(path)
         except (confmod.ConfigError, ValueError) as e:
             raise GuestError(str(e)) from e
+        if key in ("DISK_LIMIT", "DISK_LIMIT_MODE") and \
+                quota.image_path(paths.rootdir, name).exists():
+            raise GuestError(f"{name}'s disk is a fixed-size image: its size is set at build")
         if key == "DISK_LIMIT":
             own = disk_of(paths, name)
             if own is None:
@@ -875,6 +916,10 @@ class Status:
 
 
 def _disk_text(paths: Paths, name: str) -> str | None:
+    if quota.image_path(paths.rootdir, name).exists() and os.path.ismount(paths.root(name)):
+        u = quota.image_usage(paths.root(name))
+        return (f"{u.exclusive >> 20} MiB used of {(u.limit or 0) >> 20} MiB "
+                "(a filesystem image of its own)")
     own = disk_of(paths, name)
     if own is None:
         return None

@@ -6,14 +6,17 @@ tree, or a unified guest's overlay upper layer) with a qgroup limit on its
 *exclusive* bytes: a unified guest is charged only for what it changed, and
 blocks it shares with the template or with other guests are not counted.
 
-Elsewhere nothing here can enforce a limit: XFS and ext4 project quotas need
-kernel support this project's hosts lack (reference/perf.md), and a
-fixed-size image per guest is not built yet. A DISK_LIMIT there is refused,
-saying why: a limit is never silently ignored. Every limit is read back.
+Elsewhere, XFS and ext4 project quotas need kernel support this project's
+hosts lack (reference/perf.md); what remains is a fixed-size filesystem
+image per guest, loop-mounted at its root (OpenVZ's ploop did the same),
+chosen explicitly with DISK_LIMIT_MODE="image" since it costs the whole size
+up front on some filesystems and a copy at build. Without either, a
+DISK_LIMIT is refused, saying why: a limit is never silently ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -25,8 +28,12 @@ __all__ = [
     "Usage",
     "delete_subvolume",
     "filesystem_of",
+    "image_path",
+    "image_usage",
     "is_subvolume",
     "make_subvolume",
+    "mount_image",
+    "move_into_image",
     "set_limit",
     "support",
     "usage",
@@ -119,3 +126,66 @@ def set_limit(path: Path, limit: int | None) -> str:
     if got != limit:
         raise QuotaError(f"{path}: the qgroup limit reads back {got}, not {limit}")
     return f"btrfs qgroup {_qgroup_id(path)} exclusive limit"
+
+
+# --- a filesystem image per guest -----------------------------------------------
+
+def image_path(rootdir: Path, name: str) -> Path:
+    return rootdir / ".images" / f"{name}.img"
+
+
+def _run(*argv: str) -> None:
+    res = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise QuotaError(f"{' '.join(argv)}: {res.stderr.strip() or res.stdout.strip()}")
+
+
+def mount_image(image: Path, root: Path) -> None:
+    """Loop-mount IMAGE at ROOT (idempotent)."""
+    if os.path.ismount(root):
+        return
+    root.mkdir(mode=0o755, exist_ok=True)
+    _run("mount", "-o", "loop,nosuid", str(image), str(root))
+
+
+def move_into_image(root: Path, image: Path, size: int) -> None:
+    """Put the tree at ROOT into a new ext4 image of SIZE bytes, mounted at ROOT.
+
+    The image is a sparse file; writes past its size fail with ENOSPC. On
+    any failure the image is removed and ROOT is left as it was.
+    """
+    image.parent.mkdir(mode=0o700, exist_ok=True)
+    if image.exists():
+        raise QuotaError(f"{image} already exists")
+    staging = root.with_name(f".{root.name}.image")
+    try:
+        with open(image, "wb") as f:
+            f.truncate(size)
+        _run("mkfs.ext4", "-q", "-F", "-m", "0", "-L", root.name[:16], str(image))
+        staging.mkdir(mode=0o755)
+        _run("mount", "-o", "loop,nosuid", str(image), str(staging))
+        try:
+            _run("cp", "-a", f"{root}/.", str(staging))
+            os.chmod(staging, os.stat(root).st_mode & 0o7777)
+        finally:
+            _run("umount", str(staging))
+        staging.rmdir()
+        from hostagent import build as buildmod
+
+        buildmod.delete_root(root)
+        root.mkdir(mode=0o755)
+        mount_image(image, root)
+    except BaseException:
+        if staging.exists() and os.path.ismount(staging):
+            subprocess.run(["umount", "-l", str(staging)], check=False)
+        with contextlib.suppress(OSError):
+            staging.rmdir()
+        with contextlib.suppress(FileNotFoundError):
+            image.unlink()
+        raise
+
+
+def image_usage(root: Path) -> Usage:
+    st = os.statvfs(root)
+    total = st.f_blocks * st.f_frsize
+    return Usage(total - st.f_bfree * st.f_frsize, total - st.f_bfree * st.f_frsize, total)

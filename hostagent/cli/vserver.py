@@ -50,6 +50,8 @@ def _build_parser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--description", help="DESCRIPTION shown by the listing tools")
     p.add_argument("--disk-limit", metavar="SIZE",
                    help="DISK_LIMIT, e.g. 2G: what the guest itself may write (btrfs)")
+    p.add_argument("--disk-image", action="store_true",
+                   help='DISK_LIMIT_MODE="image": the limit as a filesystem image of its own')
     return p
 
 
@@ -95,7 +97,7 @@ def _run(paths: Paths, name: str, verb: str, rest: list[str], out: guest.Output)
             method=a.method, source=a.source, hostname=a.hostname, ips=a.ip,
             caps=_words(a.caps), flags=_words(a.flags), nice=a.nice, ulimit=a.ulimit,
             onboot=a.onboot, context=a.context, allow_unsafe_caps=a.allow_unsafe_caps,
-            description=a.description, disk_limit=a.disk_limit,
+            description=a.description, disk_limit=a.disk_limit, disk_image=a.disk_image,
         )
         guest.build(paths, name, opts, log=lambda m: out and out((m + "\n").encode()))
         if out:

@@ -118,3 +118,32 @@ def test_disk_limit_without_quota_support_is_refused(vroots: Paths) -> None:
     with pytest.raises(guest.GuestError, match="DISK_LIMIT cannot be enforced"):
         guest.build(vroots, "x", guest.BuildOptions(method="busybox", disk_limit="1G"))
     assert vroots.guest_names() == [] and not vroots.root("x").exists()
+
+
+def test_image_per_guest_stops_at_its_size(vroots: Paths) -> None:
+    guest.build(vroots, "img", guest.BuildOptions(method="busybox", disk_limit="40M",
+                                                  disk_image=True))
+    image = quota.image_path(vroots.rootdir, "img")
+    assert image.is_file() and os.path.ismount(vroots.root("img"))
+    guest.start(vroots, "img")
+    out = write(vroots, "img", 80)
+    assert "No space left on device" in out and "rc=0" not in out, out
+    assert "a filesystem image of its own" in guest.status(vroots, "img").text()
+    # After a host reboot (the image unmounted) start mounts it again, data intact.
+    guest.stop(vroots, "img")
+    syscalls.umount2(vroots.root("img"))
+    guest.start(vroots, "img")
+    buf = bytearray()
+    guest.exec_in(vroots, "img", ["/bin/ls", "/root/big"], output=buf.extend)
+    assert buf.decode().strip() == "/root/big"
+    guest.stop(vroots, "img")
+    guest.delete(vroots, "img")
+    assert not image.exists() and not vroots.root("img").exists()
+
+
+def test_a_build_killed_half_way_is_swept_by_the_next(vroots: Paths) -> None:
+    stale = vroots.rootdir / ".again.build-x1y2"
+    (stale / "etc").mkdir(parents=True)
+    guest.build(vroots, "again", guest.BuildOptions(method="busybox"))
+    assert not stale.exists()
+    assert vroots.root("again").is_dir()
