@@ -48,6 +48,7 @@ bench: deps
 	$(PY) bench/start_stop.py
 	$(PY) bench/net_setup.py
 	$(PY) bench/density.py
+	$(PY) bench/unify.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
