@@ -12,6 +12,7 @@ import pytest
 
 from hostagent import guest, quota, syscalls, templates
 from hostagent.paths import Paths
+from tests.conftest import mounts_under
 
 
 @pytest.fixture
@@ -38,16 +39,10 @@ def btrfs_roots(vroots: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
                     guest.delete(paths, name)
                 except guest.GuestError:
                     pass
-            for point in sorted(_mounts_under(mnt), key=len, reverse=True):
+            for point in sorted(mounts_under(mnt), key=len, reverse=True):
                 syscalls.umount2(point, syscalls.MNT_DETACH)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [p for p in (line.split()[4] for line in f)
-                if p.startswith(str(path) + "/")]
 
 
 def write(paths: Paths, name: str, mb: int, where: str = "/root/big") -> str:
