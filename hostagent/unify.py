@@ -40,6 +40,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hostagent.build import FS_IMMUTABLE_FL, FS_IOC_GETFLAGS, FS_IOC_SETFLAGS
 from hostagent.names import check_name
 from hostagent.paths import Paths
 
@@ -93,11 +94,9 @@ FIDEDUPERANGE = _ioc(_IOC_READ | _IOC_WRITE, 0x94, 54, _DEDUPE_RANGE.size)
 FILE_DEDUPE_RANGE_SAME = 0
 FILE_DEDUPE_RANGE_DIFFERS = 1
 
-# FS_IOC_GETFLAGS / FS_IOC_SETFLAGS are _IOR/_IOW('f', 1/2, long), yet the
+# FS_IOC_GETFLAGS / FS_IOC_SETFLAGS and FS_IMMUTABLE_FL are build.py's (it
+# clears the flag when it deletes a tree): _IOR/_IOW('f', 1/2, long), yet the
 # kernel reads and writes an int (fs/ioctl.c), hence 4-byte buffers.
-FS_IOC_GETFLAGS = _ioc(_IOC_READ, ord("f"), 1, struct.calcsize("l"))
-FS_IOC_SETFLAGS = _ioc(_IOC_WRITE, ord("f"), 2, struct.calcsize("l"))
-FS_IMMUTABLE_FL = 0x00000010
 
 # include/uapi/linux/fs.h: #define FS_IOC_FIEMAP _IOWR('f', 11, struct fiemap)
 # include/uapi/linux/fiemap.h:
