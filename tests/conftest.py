@@ -17,6 +17,7 @@ import pytest
 from hostagent import guest, syscalls
 from hostagent.cgroup import Cgroup
 from hostagent.paths import Paths
+from tests.helpers import stop_all
 
 
 @pytest.fixture
@@ -42,15 +43,7 @@ def vroots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root_required: None)
     try:
         yield paths
     finally:
-        for name in paths.guest_names():
-            try:
-                guest.stop(paths, name, timeout=0)
-            except Exception:  # teardown must go on
-                st = guest.read_state(paths, name)
-                if st is not None:
-                    cg = Cgroup(st.cgroup)
-                    cg.kill()
-                    cg.wait_empty(5)
+        stop_all(paths)
         parent = Cgroup(env["VSERVER_CGROUP"])
         if parent.exists():
             parent.kill()

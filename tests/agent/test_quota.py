@@ -13,6 +13,7 @@ import pytest
 from hostagent import guest, quota, syscalls, templates
 from hostagent.paths import Paths
 from tests.conftest import mounts_under
+from tests.helpers import stop_all
 
 
 @pytest.fixture
@@ -33,12 +34,7 @@ def btrfs_roots(vroots: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         try:
             yield paths
         finally:
-            for name in paths.guest_names():
-                try:
-                    guest.stop(paths, name, timeout=0)
-                    guest.delete(paths, name)
-                except guest.GuestError:
-                    pass
+            stop_all(paths, delete=True)
             for point in sorted(mounts_under(mnt), key=len, reverse=True):
                 syscalls.umount2(point, syscalls.MNT_DETACH)
     finally:
