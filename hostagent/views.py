@@ -183,6 +183,18 @@ class ContextMap:
 
 # --- processes ------------------------------------------------------------------
 
+_CONTROL_TO_QUESTION = {c: "?" for c in [*range(0x20), 0x7f]}
+
+
+def printable(text: str) -> str:
+    """Control characters as '?', as ps prints them.
+
+    A guest picks its own argv and comm; a newline in them must not forge a
+    row in a host tool's output.
+    """
+    return text.translate(_CONTROL_TO_QUESTION)
+
+
 @dataclass(frozen=True)
 class Proc:
     """What the tools need of one process, read from /proc/PID."""
@@ -205,7 +217,7 @@ class Proc:
     @property
     def command(self) -> str:
         """The command line as ps prints it; [comm] when there is none."""
-        return " ".join(self.args) if self.args else f"[{self.comm}]"
+        return printable(" ".join(self.args) if self.args else f"[{self.comm}]")
 
     @property
     def cpu_ticks(self) -> int:

@@ -24,6 +24,7 @@ from hostagent.views import (
     Proc,
     all_procs,
     print_json,
+    printable,
     stdout_closed,
     user_name,
 )
@@ -72,7 +73,7 @@ class Tree:
     def lines(self, pid: int, args: bool, prefix: str = "", last: bool = True,
               top: bool = True) -> list[str]:
         p, ctx = self.procs[pid], self.ctx[pid]
-        label = p.command if args else p.comm
+        label = p.command if args else printable(p.comm)
         branch = "" if top else ("`-" if last else "|-")
         out = [f"{prefix}{branch}{label}({pid}) [{ctx.number} {ctx.label}]"]
         kids = sorted(self.children.get(pid, ()))

@@ -290,6 +290,18 @@ def test_vtop_once_shows_the_guests_processes(vroots: Paths,
         == "vtop: vserver nope is not running"
 
 
+def test_guest_cannot_forge_a_row_in_host_tools(vroots: Paths,
+                                                two: dict[str, guest.RunState]) -> None:
+    # argv and comm are the guest's to choose; a newline in them shows as '?'.
+    run_in(vroots, "web", "sh -c 'sleep 300; :' \"$(printf 'x\\n1 root 0 host init')\" "
+                          ">/dev/null 2>&1 </dev/null &")
+    out = tool("vtop", "--once", "-d", "0.1").stdout
+    assert "x?1 root 0 host init" in out
+    assert all(line.split()[0].isdigit() for line in out.splitlines()[2:])
+    tree = tool("vpstree", "-a", "--guest", "web").stdout
+    assert "x?1 root" in tree and "\n1 root" not in tree
+
+
 def test_vpstree_annotates_each_process(vroots: Paths, two: dict[str, guest.RunState]) -> None:
     st = two["web"]
     text = tool("vpstree", "--guest", "web").stdout.splitlines()
