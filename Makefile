@@ -8,7 +8,7 @@ DEMO_ENV := VSERVER_CONFDIR=$(DEMO)/etc VSERVER_ROOTDIR=$(DEMO)/vservers VSERVER
 PANEL_ADDR ?= 127.0.0.1:8000
 CMD ?= ps
 
-.PHONY: run test deps lint clean demo-enter demo-exec demo-stop demo-status bench
+.PHONY: run test deps lint clean demo-enter demo-exec demo-stop demo-status agent-stop bench
 
 deps:
 	@scripts/bootstrap.sh
@@ -27,8 +27,9 @@ test: lint
 run: deps
 	$(PY) manage.py migrate --noinput -v0
 	@scripts/lxcfs.sh || true
+	$(DEMO_ENV) scripts/agent.sh start
 	$(DEMO_ENV) $(PY) -m hostagent.demo
-	@echo "Panel: http://$(PANEL_ADDR)/  (Ctrl-C stops the panel; the demo vserver keeps running)"
+	@echo "Panel: http://$(PANEL_ADDR)/  (Ctrl-C stops the panel; the agent and the demo vserver keep running; make agent-stop ends the agent)"
 	$(PY) manage.py runserver --insecure --noreload $(PANEL_ADDR)
 
 demo-enter: deps
@@ -43,12 +44,16 @@ demo-status: deps
 demo-stop: deps
 	$(DEMO_ENV) $(VENV)/bin/vserver demo stop
 
+agent-stop:
+	$(DEMO_ENV) scripts/agent.sh stop
+
 # Each benchmark runs its named peer in the same run and prints the ratio.
 bench: deps
 	$(PY) bench/start_stop.py
 	$(PY) bench/net_setup.py
 	$(PY) bench/density.py
 	$(PY) bench/unify.py
+	$(PY) bench/agent_api.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -26,6 +26,7 @@ import io
 import logging
 import lzma
 import os
+import posixpath
 import re
 import shlex
 import shutil
@@ -203,6 +204,7 @@ def build_root(
             os.chmod(tmp, 0o755)  # noqa: S103 (a guest's "/" is world-searchable)
             log(f"building {root} with {method} in {tmp}")
             builder(tmp, log)
+            _install_vreboot(tmp, log)
             _write_build_note(tmp, method, source, log)
             # Again, because `cp -a SRC/. TMP` gives TMP the source's owner and
             # mode: the guest's "/" must be root's, or that uid inside the guest
@@ -1322,7 +1324,7 @@ def _ensure_dir(tmp: Path, rel: str, mode: int, *, uid: int = 0, gid: int = 0) -
     os.chmod(path, mode)  # after chown, and explicit: mkdir's mode is cut by the umask
 
 
-def _write_tree_file(tmp: Path, rel: str, text: str, mode: int) -> None:
+def _write_tree_file(tmp: Path, rel: str, text: str | bytes, mode: int) -> None:
     """Write TMP/REL (root-owned, MODE), replacing what is there without following it."""
     path = _checked_parent(tmp, rel) / rel.rsplit("/", 1)[-1]
     if os.path.lexists(path):
@@ -1331,10 +1333,71 @@ def _write_tree_file(tmp: Path, rel: str, text: str, mode: int) -> None:
         os.unlink(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with os.fdopen(fd, "wb") as f:
         os.fchown(f.fileno(), 0, 0)
         os.fchmod(f.fileno(), mode)
-        f.write(text)
+        f.write(text.encode("utf-8") if isinstance(text, str) else text)
+
+
+def _tree_dir(tmp: Path, rel: str) -> str | None:
+    """REL as a real directory inside TMP, symlinks resolved as the guest would see them.
+
+    A usr-merged tree (a rootfs tarball, debootstrap) has /sbin -> usr/sbin: the
+    link is read, never followed on the host, and its target taken relative to
+    TMP, so it cannot lead out of the tree. None if REL leads nowhere usable.
+    A missing top-level directory is made.
+    """
+    path = "/" + rel
+    for _ in range(_MAXSYMLINKS):
+        inner = path.lstrip("/")
+        if not inner:
+            return None
+        p = tmp / inner
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            if "/" in inner:
+                return None
+            _ensure_dir(tmp, inner, 0o755)
+            return inner
+        if stat.S_ISDIR(st.st_mode):
+            return inner if _is_real_dir(p, tmp) else None
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+        path = "/" + posixpath.normpath(
+            posixpath.join(posixpath.dirname(path), os.readlink(p))).lstrip("/")
+    return None
+
+
+def _install_vreboot(tmp: Path, log: Log) -> None:
+    """/sbin/vreboot and /sbin/vhalt (a symlink to it), as the seed's build added them.
+
+    The client of the reboot manager (hostagent/rebootmgr.py), compiled static
+    for guests by hostagent.guestbin. Without a compiler the build goes on with
+    a warning: guests can still end themselves with their own reboot(2).
+    """
+    from hostagent import guestbin
+
+    try:
+        data = guestbin.vreboot_binary().read_bytes()
+    except (guestbin.GuestBinError, OSError) as e:
+        _LOG.warning("/sbin/vreboot not installed: %s", e)
+        log(f"warning: /sbin/vreboot and /sbin/vhalt not installed: {e}")
+        return
+    sbin = _tree_dir(tmp, "sbin")
+    if sbin is None:
+        _LOG.warning("/sbin/vreboot not installed: /sbin is not a directory in %s", tmp)
+        log("warning: /sbin/vreboot and /sbin/vhalt not installed: /sbin leads to no "
+            "directory inside the tree")
+        return
+    _write_tree_file(tmp, f"{sbin}/vreboot", data, 0o755)
+    vhalt = _checked_parent(tmp, f"{sbin}/vhalt") / "vhalt"
+    if os.path.lexists(vhalt):
+        if _is_real_dir(vhalt):
+            raise BuildError(f"/{sbin}/vhalt is a directory")
+        os.unlink(vhalt)
+    os.symlink("vreboot", vhalt)
+    log(f"installed /{sbin}/vreboot and /{sbin}/vhalt (the reboot manager's client)")
 
 
 def _write_build_note(tmp: Path, method: str, source: str | None, log: Log) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "GuestConf",
     "GuestSettings",
     "IpToken",
+    "check_hostname",
     "parse_ip_token",
     "parse_size",
     "render_new",
@@ -598,17 +599,25 @@ class _Reader:
         return value
 
 
+def check_hostname(value: str) -> str:
+    """VALUE if S_HOSTNAME may hold it, else ValueError saying why (hostagent.wire uses it)."""
+    if len(value) > UTS_LEN or not _HOSTNAME_RE.match(value):
+        shown = value if len(value) <= 80 else value[:80] + "..."
+        raise ValueError(
+            f"{shown!r} is not a host name (RFC 1123 labels of A-Z a-z 0-9 -, "
+            f"at most {UTS_LEN} characters)"
+        )
+    return value
+
+
 def _hostname(r: _Reader) -> str | None:
     value = r.text("S_HOSTNAME")
     if not value:
         return None
-    if len(value) > UTS_LEN or not _HOSTNAME_RE.match(value):
-        raise r.error(
-            "S_HOSTNAME",
-            f"{value!r} is not a host name (RFC 1123 labels of A-Z a-z 0-9 -, "
-            f"at most {UTS_LEN} characters)",
-        )
-    return value
+    try:
+        return check_hostname(value)
+    except ValueError as e:
+        raise r.error("S_HOSTNAME", str(e)) from None
 
 
 def _domainname(r: _Reader) -> str | None:

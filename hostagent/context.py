@@ -41,6 +41,7 @@ import signal
 import socket
 import struct
 import termios
+import time
 import tty
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -143,6 +144,9 @@ class ContextSpec:
     # cgroup.procs files of the guest's limit cgroups in other hierarchies
     # (cgroup v1): every process of the guest writes itself into each.
     join_cgroups: tuple[str, ...] = ()
+    # The host directory of the guest's reboot socket (hostagent/rebootmgr.py),
+    # bound read-only at /dev/.rebootmgr with /dev/reboot pointing into it.
+    reboot_dir: Path | None = None
 
 
 # --- the guest's PID 1 ------------------------------------------------------
@@ -237,6 +241,29 @@ def _setup_dev(root: str) -> None:
         os.symlink(target, os.path.join(dev, name))
 
 
+# Where the guest sees its reboot socket's directory, inside its /dev.
+REBOOT_MOUNT = ".rebootmgr"
+
+
+def _bind_reboot_dir(root: str, host_dir: str) -> None:
+    """The host's socket directory at /dev/.rebootmgr, read-only; /dev/reboot into it.
+
+    The directory is bound, not the socket: an agent that restarts unlinks the
+    socket and binds a new one in the same host directory, and the guest
+    reaches the new one through this mount. Read-only, so guest root cannot
+    replace the socket or leave files in a host directory; connect(2) needs
+    write permission on the socket's inode only (unix_find_bsd), which a
+    read-only mount does not take away. The guest has no CAP_SYS_ADMIN to
+    unmount it. Made before pivot_root, while the host path is in view.
+    """
+    target = os.path.join(root, "dev", REBOOT_MOUNT)
+    os.mkdir(target, 0o755)
+    syscalls.mount(host_dir, target, None, MS_BIND)
+    syscalls.mount(None, target, None,
+                   MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.symlink(f"{REBOOT_MOUNT}/reboot", os.path.join(root, "dev", "reboot"))
+
+
 def _bind_lxcfs(root: str, lxcfs: str) -> None:
     """Put lxcfs's files over the kernel's /proc ones in the guest's tree.
 
@@ -290,7 +317,8 @@ def _switch_root(root: str) -> None:
     os.chdir("/")
 
 
-def _mount_guest_tree(root: str, hideinfo: bool, lxcfs: Path | None) -> None:
+def _mount_guest_tree(root: str, hideinfo: bool, lxcfs: Path | None,
+                      reboot_dir: Path | None = None) -> None:
     # Nothing we mount may propagate back to the host.
     syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
     # pivot_root needs the new root to be a mount point.
@@ -298,6 +326,8 @@ def _mount_guest_tree(root: str, hideinfo: bool, lxcfs: Path | None) -> None:
     _setup_proc(root, hideinfo)
     _setup_sys(root)
     _setup_dev(root)
+    if reboot_dir is not None:
+        _bind_reboot_dir(root, str(reboot_dir))
     # From the host's lxcfs mount, so before pivot_root takes the host's
     # tree away; before the masks, which must stay on top.
     if lxcfs is not None:
@@ -422,7 +452,7 @@ def _init_child(spec: ContextSpec, argv: Sequence[str] | None, pipe_w: int,
             # a Ctrl-C or a signal to the caller's job must not reach it.
             os.setsid()
         if spec.root is not None:
-            _mount_guest_tree(str(spec.root), spec.hideinfo, spec.lxcfs)
+            _mount_guest_tree(str(spec.root), spec.hideinfo, spec.lxcfs, spec.reboot_dir)
             checkpoint("pivot_root")
             _switch_root(str(spec.root))
         else:
@@ -738,30 +768,49 @@ def _guest_pty() -> tuple[int, int]:
 
 
 def copy_until_exit(pid: int, sinks: dict[int, Callable[[bytes], None]],
-                    feed: int = -1) -> None:
+                    feed: int = -1, timeout: float | None = None) -> None:
     """Until PID exits, hand what each fd in SINKS yields to its sink and copy
     our stdin into FEED; then take what is already written and stop.
 
     The end is PID's exit (seen through a pidfd), not EOF: a daemon the
     command started may keep its output open for good. FEED is written
     without blocking, so a command that neither reads its input nor stops
-    writing its output cannot deadlock against us.
+    writing its output cannot deadlock against us. After TIMEOUT seconds PID
+    is killed. poll, not select: the agent may hold more than 1024 fds.
     """
     cfd = syscalls.pidfd_open(pid)
     sources = set(sinks)
     pending = b""
     reading_stdin = feed >= 0
     close_feed = False  # our stdin ended: close FEED once PENDING is written
+    deadline = None if timeout is None else time.monotonic() + timeout
     if feed >= 0:
         os.set_blocking(feed, False)
     try:
         while True:
-            rlist = [cfd, *sources] + ([0] if reading_stdin and not pending else [])
-            wlist = [feed] if pending else []
+            masks = dict.fromkeys([cfd, *sources] + ([0] if reading_stdin and not pending
+                                                     else []), select.POLLIN)
+            if pending:  # FEED may also be a source (a terminal): one mask for both
+                masks[feed] = masks.get(feed, 0) | select.POLLOUT
+            poller = select.poll()
+            for fd, mask in masks.items():
+                poller.register(fd, mask)
+            wait_ms = None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _kill_with_children(pid, cfd)
+                    deadline = None
+                    continue
+                wait_ms = int(left * 1000) + 1
             try:
-                ready, writable, _ = select.select(rlist, wlist, [])
+                events = poller.poll(wait_ms)
             except InterruptedError:
                 continue
+            ready = {fd for fd, ev in events if ev & (select.POLLIN | select.POLLHUP
+                                                      | select.POLLERR)}
+            writable = any(fd == feed and ev & (select.POLLOUT | select.POLLERR)
+                           for fd, ev in events) and bool(pending)
             if writable:
                 try:
                     pending = pending[os.write(feed, pending):]
@@ -770,7 +819,7 @@ def copy_until_exit(pid: int, sinks: dict[int, Callable[[bytes], None]],
                 except OSError:  # the reader is gone
                     pending, reading_stdin = b"", False
             for fd in ready:
-                if fd == 0:
+                if fd == 0 and reading_stdin:
                     pending = os.read(0, 65536)
                     if not pending:
                         reading_stdin = False
@@ -798,6 +847,25 @@ def copy_until_exit(pid: int, sinks: dict[int, Callable[[bytes], None]],
                     sinks[fd](data)
     finally:
         os.close(cfd)
+
+
+def _kill_with_children(pid: int, pidfd: int) -> None:
+    """SIGKILL PID (pinned by PIDFD) and its direct children: an exec's C and D."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        children = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            fd = syscalls.pidfd_open(child)
+            try:
+                # PID still pinned alive: CHILD cannot be a recycled number yet.
+                syscalls.pidfd_send_signal(fd, signal.SIGKILL)
+            finally:
+                os.close(fd)
+    with contextlib.suppress(OSError):
+        syscalls.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
 def _writer(fd: int) -> Callable[[bytes], None]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from hostagent import procfs
@@ -61,13 +61,17 @@ class ContextRegistry:
                     p.unlink()
         return used
 
-    def allocate(self, wanted: int | None = None, in_use: Iterable[int] = ()) -> int:
+    def allocate(self, wanted: int | None = None,
+                 in_use: Iterable[int] | Callable[[], Iterable[int]] = ()) -> int:
         """Reserve WANTED, or the lowest free dynamic number, for the calling process.
 
-        IN_USE adds numbers held elsewhere (running guests' NAME.ctx records).
+        IN_USE adds numbers held elsewhere (running guests' NAME.ctx records);
+        pass a function to have them read under the registry's lock, so that a
+        guest that finished starting meanwhile (and dropped its reservation
+        for its record) is counted.
         """
         with self._lock():
-            used = self._reserved() | set(in_use)
+            used = self._reserved() | set(in_use() if callable(in_use) else in_use)
             if wanted is not None:
                 if wanted in used:
                     raise ContextInUse(f"context {wanted} is already in use")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from hostagent import caps as capmod
 from hostagent import conf as confmod
-from hostagent import context, limits, procfs, quota, seccomp, syscalls, templates
+from hostagent import context, limits, procfs, quota, rebootmgr, seccomp, syscalls, templates
 from hostagent.cgroup import Cgroup, cgroup_base, cgroup_of, tracking_hierarchy
 from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.names import check_name
@@ -217,9 +217,14 @@ def spec_for(paths: Paths, name: str, s: confmod.GuestSettings,
     if cgroup is not None:
         join = limits.GuestCgroups(
             cgroup.relpath, limits.limits_from_settings(s).controllers()).join_files()
+    # Until its addresses are configured a guest has a network of its own
+    # with only lo; IPROOT="ALL" (or 0.0.0.0) is the seed's unrestricted
+    # guest, which shares the host's network.
+    namespaces = context.GUEST_NAMESPACES | (
+        0 if s.iproot_unrestricted else syscalls.CLONE_NEWNET)
     return context.ContextSpec(
         root=paths.root(name),
-        caps=s.caps,
+        caps=_with_sys_boot(s, namespaces, pol),
         hostname=s.hostname or name,
         domainname=s.domainname,
         nice=s.nice,
@@ -229,12 +234,30 @@ def spec_for(paths: Paths, name: str, s: confmod.GuestSettings,
         cgroup=cgroup,
         fakeinit="fakeinit" in s.flags,
         hideinfo="hideinfo" in s.flags,
-        # Until its addresses are configured a guest has a network of its own
-        # with only lo; IPROOT="ALL" (or 0.0.0.0) is the seed's unrestricted
-        # guest, which shares the host's network.
-        namespaces=context.GUEST_NAMESPACES
-        | (0 if s.iproot_unrestricted else syscalls.CLONE_NEWNET),
+        namespaces=namespaces,
+        reboot_dir=rebootmgr.prepare(paths, name),
     )
+
+
+def _with_sys_boot(s: confmod.GuestSettings, namespaces: int,
+                   pol: seccomp.SeccompPolicy) -> frozenset[int]:
+    """The guest's ceiling plus CAP_SYS_BOOT, where that cannot reach the host.
+
+    reference/security.md lists SYS_BOOT as never-grant: on the host it
+    reboots the machine. In a PID namespace of its own reboot(2) only kills
+    the guest's PID 1, with an exit status that says restart or halt
+    (rebootmgr.classify_exit), and the capability's one other use, kexec,
+    is refused by the guest's seccomp filter. So a guest's own `reboot -f`,
+    and systemd's or sysvinit's last step, work as on a machine.
+    sys_boot_allowed checks both conditions here, at the one place the grant
+    is made; "!CAP_SYS_BOOT" in S_CAPS keeps it out.
+    """
+    sys_boot = capmod.CAPS["CAP_SYS_BOOT"]
+    refused = any(w.startswith("!") and capmod.cap_number(w[1:]) == sys_boot
+                  for w in s.caps_spec)
+    if refused or not rebootmgr.sys_boot_allowed(namespaces, pol):
+        return s.caps
+    return s.caps | {sys_boot}
 
 
 def _run_hook(paths: Paths, name: str, point: str) -> None:
@@ -244,8 +267,15 @@ def _run_hook(paths: Paths, name: str, point: str) -> None:
         return
     if not os.access(hook, os.X_OK):
         raise GuestError(f"{hook} exists but is not executable")
-    res = subprocess.run([str(hook), point, name], capture_output=True, text=True, check=False,
-                         timeout=300)
+    try:
+        res = subprocess.run([str(hook), point, name], capture_output=True, text=True,
+                             check=False, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        # run() has killed the hook; without this, callers saw a traceback.
+        raise GuestError(f"{hook} {point} did not finish in {e.timeout:g} s and was killed") \
+            from e
+    except OSError as e:  # no #! line (ENOEXEC), a missing interpreter (ENOENT), ...
+        raise GuestError(f"{hook} {point} could not run: {e.strerror}") from e
     if res.returncode != 0:
         raise GuestError(f"{hook} {point} failed ({res.returncode}): {res.stderr.strip()}")
 
@@ -337,6 +367,7 @@ def build(paths: Paths, name: str, opts: BuildOptions,
                 own = root
             if limited:
                 quota.set_limit(own, settings.disk_limit)
+            checkpoint("build:tree")
         except (buildmod.BuildError, templates.TemplateError, quota.QuotaError, OSError) as e:
             with contextlib.suppress(Exception):
                 _remove_tree(paths, name)
@@ -493,7 +524,7 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
             raise GuestError(f"{name}: root {root} does not exist; build it first")
         registry = ContextRegistry(paths.rundir)
         try:
-            ctx = registry.allocate(s.context, in_use=used_contexts(paths))
+            ctx = registry.allocate(s.context, in_use=lambda: used_contexts(paths))
         except (ContextInUse, ContextsExhausted) as e:
             raise GuestError(f"{name}: {e}") from e
         with contextlib.ExitStack() as undo:
@@ -518,6 +549,7 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
                     _say(output, f"{name}: warning: {a.text()}\n")
             _run_hook(paths, name, "pre-start")
             spec = spec_for(paths, name, s, cg)
+            undo.callback(rebootmgr.remove, paths, name)
             net = None
             configure = None
             if spec.namespaces & syscalls.CLONE_NEWNET and s.iproot:
@@ -534,6 +566,7 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
                 raise GuestError(f"{name}: start failed at {e}") from e
             if net is not None:
                 undo.callback(netns.teardown, net.proxy6())
+            checkpoint("start:launched")
             st = RunState(name, ctx, init_pid, procfs.start_time(init_pid) or 0, time.time(),
                           cg.relpath, spec.namespaces,
                           net.host_if if net else "", net.proxy6() if net else ())
@@ -541,6 +574,7 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
             tmp.write_text(st.dump())
             os.replace(tmp, paths.state(name))
             undo.callback(_unlink, paths.state(name))
+            checkpoint("start:recorded")
             if fail_at == "runlevel":
                 raise GuestError(f"{name}: start failed at runlevel: injected failure")
             if not spec.fakeinit:
@@ -602,7 +636,7 @@ def _destroy_cgroup(cg: Cgroup) -> None:
 # --- enter, exec ---------------------------------------------------------------
 
 def _enter(st: RunState, spec: context.ContextSpec, req: context.EnterRequest,
-           output: Output = None) -> int:
+           output: Output = None, timeout: float | None = None) -> int:
     """Run REQ in the guest; with OUTPUT, its stdout+stderr go there, stdin is empty."""
     pidfd = syscalls.pidfd_open(st.init_pid)
     try:
@@ -619,7 +653,7 @@ def _enter(st: RunState, spec: context.ContextSpec, req: context.EnterRequest,
             for fd in (w, null):
                 os.close(fd)
                 open_fds.remove(fd)
-            context.copy_until_exit(pid, {r: output})
+            context.copy_until_exit(pid, {r: output}, timeout=timeout)
 
         try:
             req = dataclasses.replace(req, stdio=(null, w, w))
@@ -646,8 +680,11 @@ def _refuse_private(name: str, s: confmod.GuestSettings, what: str) -> None:
 
 
 def exec_in(paths: Paths, name: str, argv: Sequence[str], *, user: str | None = None,
-            tty: bool = False, output: Output = None) -> int:
-    """vserver NAME exec / suexec / enter: run ARGV inside, return its exit status."""
+            tty: bool = False, output: Output = None, timeout: float | None = None) -> int:
+    """vserver NAME exec / suexec / enter: run ARGV inside, return its exit status.
+
+    With OUTPUT and TIMEOUT, the command is killed after TIMEOUT seconds (exit 137).
+    """
     if not argv:
         raise GuestError("no command given")
     st, s = _running_state(paths, name)
@@ -656,7 +693,7 @@ def exec_in(paths: Paths, name: str, argv: Sequence[str], *, user: str | None = 
     spec = dataclasses.replace(spec, namespaces=st.namespaces)
     req = context.EnterRequest(argv=list(argv), user=user, pty=tty)
     try:
-        return _enter(st, spec, req, output=output)
+        return _enter(st, spec, req, output=output, timeout=timeout)
     except context.LaunchError as e:
         raise GuestError(f"{name}: {e}") from e
 
@@ -744,6 +781,7 @@ def stop(paths: Paths, name: str, *, timeout: float | None = None,
             _remove_proxy6(st.proxy6)
             _unlink(paths.state(name))
             _unlink(_limits_file(paths, name))
+            rebootmgr.remove(paths, name)
         _run_hook(paths, name, "post-stop")
         return True
 
@@ -817,6 +855,7 @@ def _cleanup_stale(paths: Paths, name: str, st: RunState | None) -> None:
         _reap(st)
         _remove_proxy6(st.proxy6)
     _unlink(paths.state(name))
+    rebootmgr.remove(paths, name)
 
 
 # --- set ----------------------------------------------------------------------
@@ -953,3 +992,66 @@ def status(paths: Paths, name: str) -> Status:
                   s.iproot_unrestricted,
                   tuple(a.text() for a in limits.load_applied(_limits_file(paths, name))),
                   _disk_text(paths, name))
+
+
+# --- after a crash ----------------------------------------------------------------
+# The agent journals every build and start; when it died during one, the next
+# agent calls these before it serves anyone (hostagent.recovery).
+
+def rollback_build(paths: Paths, name: str) -> bool:
+    """Remove what an unfinished build of NAME left; False if it had finished.
+
+    A build writes NAME.conf last, so a guest without one was never built.
+    """
+    check_name(name)
+    with _locked(paths, name):
+        if paths.conf(name).exists():
+            return False
+        _sweep_stale_builds(paths, name)
+        root = paths.root(name)
+        if os.path.lexists(root) or templates.is_unified(paths, name) \
+                or quota.image_path(paths.rootdir, name).exists():
+            _remove_tree(paths, name)
+        return True
+
+
+def rollback_start(paths: Paths, name: str) -> None:
+    """Undo an unfinished start of NAME: its processes, cgroups, network and records.
+
+    The start may have died at any step, before or after it wrote NAME.ctx, so
+    everything is looked for by name as well as through the record.
+    """
+    check_name(name)
+    with _locked(paths, name):
+        st = read_state(paths, name)
+        if st is not None and _alive(st):
+            _kill_guest(st)
+        _cleanup_stale(paths, name, st)
+        try:
+            s = _load_settings(paths, name)
+        except GuestError:
+            return
+        if s.iproot and not s.iproot_unrestricted:
+            from hostagent import netns
+
+            try:
+                with netns.IPRoute() as ipr:
+                    plan = netns.plan(name, s, ipr)
+            except netns.NetworkError:
+                return
+            netns.forget(plan)
+
+
+def checkpoint(step: str) -> None:
+    """Fault injection for the crash tests, named steps of build and start.
+
+    With VPANEL_TEST_HANG_AT=STEP in the environment, the process writes
+    STEP to VPANEL_TEST_HANG_MARKER and sleeps there, so that a test can kill
+    it at exactly that point. Unset (always, outside the tests), it does nothing.
+    """
+    if os.environ.get("VPANEL_TEST_HANG_AT") != step:
+        return
+    marker = os.environ.get("VPANEL_TEST_HANG_MARKER")
+    if marker:
+        Path(marker).write_text(step)
+    time.sleep(3600)

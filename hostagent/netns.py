@@ -389,3 +389,14 @@ def teardown(proxy6: Iterable[tuple[str, str]]) -> None:
         return
     with IPRoute() as ipr:
         _remove_proxy6(ipr, entries)
+
+
+def forget(p: NetPlan) -> None:
+    """Remove what a start killed half-way may have left of P on the host.
+
+    The veth's guest end is made inside the guest's namespace, so the pair goes
+    with it; a start that died after adding the proxy NDP entries but before
+    recording them leaves those, which only the plan can name.
+    """
+    with IPRoute() as ipr:
+        _remove_host_side(p, ipr)

@@ -172,6 +172,19 @@ def create(paths: Paths, name: str, method: str, source: str | None,
     return target
 
 
+def rollback_create(paths: Paths, name: str) -> None:
+    """Remove what an unfinished `create` of NAME left (its metadata is written last)."""
+    from hostagent import build as buildmod
+
+    check_name(name)
+    target = template_path(paths, name)
+    base = templates_dir(paths)
+    for p in base.glob(f".{name}.build-*") if base.is_dir() else ():
+        buildmod.delete_root(p)
+    if target.is_dir() and not _meta_path(target).exists():
+        buildmod.delete_root(target)
+
+
 def delete(paths: Paths, name: str) -> None:
     """vtemplate delete: refused while a guest is built on it."""
     from hostagent import build as buildmod

@@ -13,6 +13,7 @@ DEB_PACKAGES=(
   iproute2 procps util-linux
   nftables         # the host-wide rule that drops packets with a forged guest source
   debootstrap      # the 'debootstrap' build method
+  gcc libc6-dev    # compile the static /sbin/vreboot (hostagent/guestbin) put into every guest built
   btrfs-progs      # mkfs.btrfs and `btrfs filesystem du` for the vunify tests (loop-mounted btrfs)
   python3-venv
 )

@@ -38,12 +38,15 @@ from hostagent import caps, guest
 if TYPE_CHECKING:
     from .conftest import Lab
 
-CEILING_MASK = caps.to_mask(caps.DEFAULT_CEILING)
+# Guests also hold CAP_SYS_BOOT: in their own PID namespace, with kexec refused by
+# seccomp, reboot(2) can only end the guest (hostagent/rebootmgr.py sys_boot_allowed).
+CEILING_MASK = caps.to_mask(caps.DEFAULT_CEILING | {caps.CAPS["CAP_SYS_BOOT"]})
 SYS_ADMIN = caps.CAPS["CAP_SYS_ADMIN"]
 
 # What /dev holds in every guest (hostagent/context.py _setup_dev).
 DOCUMENTED_DEV = {"null", "zero", "full", "random", "urandom", "tty", "console", "ptmx",
-                  "pts", "shm", "fd", "stdin", "stdout", "stderr"}
+                  "pts", "shm", "fd", "stdin", "stdout", "stderr",
+                  "reboot", ".rebootmgr"}  # the reboot manager's socket (docs/rebootmgr.md)
 # Character devices behind those names, as (major, minor): the host's nodes.
 DEV_NUMBERS = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8),
                "urandom": (1, 9), "tty": (5, 0), "console": (1, 3)}

@@ -1,0 +1,173 @@
+"""A client for the agent's API, for the panel, the tools and the tests.
+
+Synchronous (httpx over the Unix socket); every reply is decoded into the
+wire types of hostagent.wire, every error raised as AgentError with the
+agent's status, message and field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hostagent import wire
+from hostagent.paths import Paths
+
+__all__ = ["AgentClient", "AgentError"]
+
+V = f"/{wire.API_VERSION}"
+
+
+class AgentError(Exception):
+    def __init__(self, status: int, error: str, field: str | None = None) -> None:
+        super().__init__(f"{status}: {error}" + (f" ({field})" if field else ""))
+        self.status, self.error, self.field = status, error, field
+
+
+class AgentClient:
+    def __init__(self, socket_path: Path | str | None = None, timeout: float = 60.0) -> None:
+        path = str(socket_path or Paths.from_env().rundir / "agent.sock")
+        self.socket_path = path
+        self._http = httpx.Client(transport=httpx.HTTPTransport(uds=path),
+                                  base_url="http://agent", timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # --- plumbing ---
+
+    def request(self, method: str, path: str, body: Any = None,
+                headers: Mapping[str, str] | None = None,
+                params: Mapping[str, str] | None = None) -> httpx.Response:
+        resp = self._http.request(method, f"{V}{path}", json=body, headers=headers,
+                                  params=params)
+        if resp.status_code >= 400:
+            try:
+                err = resp.json()
+                raise AgentError(resp.status_code, str(err.get("error")), err.get("field"))
+            except ValueError:
+                raise AgentError(resp.status_code, resp.text[:200]) from None
+        return resp
+
+    def _op(self, resp: httpx.Response) -> wire.Operation:
+        return wire.Operation.from_json(resp.json())
+
+    # --- host ---
+
+    def host(self) -> wire.HostInfo:
+        return wire.HostInfo.from_json(self.request("GET", "").json())
+
+    def stats(self) -> list[wire.Usage]:
+        return [wire.Usage.from_json(u) for u in self.request("GET", "/stats").json()]
+
+    def quotas(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/quotas").json())
+
+    # --- guests ---
+
+    def guests(self) -> list[wire.GuestInfo]:
+        return [wire.GuestInfo.from_json(g) for g in self.request("GET", "/guests").json()]
+
+    def guest(self, name: str) -> wire.GuestInfo:
+        return wire.GuestInfo.from_json(self.request("GET", f"/guests/{name}").json())
+
+    def build(self, req: wire.BuildRequest) -> wire.Operation:
+        return self._op(self.request("POST", "/guests", req.to_json()))
+
+    def delete(self, name: str) -> wire.Operation:
+        return self._op(self.request("DELETE", f"/guests/{name}"))
+
+    def config(self, name: str) -> wire.Config:
+        return wire.Config.from_json(self.request("GET", f"/guests/{name}/config").json())
+
+    def put_config(self, name: str, values: Mapping[str, str],
+                   etag: str | None = None) -> tuple[wire.Config, list[str]]:
+        headers = {"If-Match": f'"{etag}"'} if etag else None
+        body = self.request("PUT", f"/guests/{name}/config", {"values": dict(values)},
+                            headers=headers).json()
+        applied = body.pop("applied", [])
+        return wire.Config.from_json(body), list(applied)
+
+    def state(self, name: str, action: str, *, force: bool = False,
+              timeout: int | None = None) -> wire.Operation:
+        body: dict[str, Any] = {"action": action, "force": force}
+        if timeout is not None:
+            body["timeout"] = timeout
+        return self._op(self.request("PUT", f"/guests/{name}/state", body))
+
+    def exec(self, name: str, command: Iterable[str], *, user: str | None = None,
+             timeout: float = 60.0) -> wire.Operation:
+        body: dict[str, Any] = {"command": list(command), "timeout": timeout}
+        if user is not None:
+            body["user"] = user
+        return self._op(self.request("POST", f"/guests/{name}/exec", body))
+
+    def processes(self, name: str) -> list[wire.ProcessRow]:
+        return [wire.ProcessRow.from_json(r)
+                for r in self.request("GET", f"/guests/{name}/processes").json()]
+
+    # --- templates ---
+
+    def templates(self) -> list[wire.TemplateInfo]:
+        return [wire.TemplateInfo.from_json(t) for t in self.request("GET", "/templates").json()]
+
+    def create_template(self, req: wire.TemplateCreate) -> wire.Operation:
+        return self._op(self.request("POST", "/templates", req.to_json()))
+
+    def delete_template(self, name: str) -> None:
+        self.request("DELETE", f"/templates/{name}")
+
+    # --- operations and events ---
+
+    def operation(self, op_id: str) -> wire.Operation:
+        return wire.Operation.from_json(self.request("GET", f"/operations/{op_id}").json())
+
+    def wait(self, op: wire.Operation | str, timeout: float = 120.0) -> wire.Operation:
+        """Block until the operation ends (or TIMEOUT passes); its last state."""
+        op_id = op if isinstance(op, str) else op.id
+        resp = self._http.get(f"{V}/operations/{op_id}/wait",
+                              params={"timeout": str(timeout)}, timeout=timeout + 10)
+        if resp.status_code >= 400:
+            err = resp.json()
+            raise AgentError(resp.status_code, str(err.get("error")), err.get("field"))
+        return wire.Operation.from_json(resp.json())
+
+    def run(self, op: wire.Operation, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait for OP and return its result; raise AgentError if it did not succeed."""
+        done = self.wait(op, timeout)
+        if done.state != wire.OP_SUCCESS:
+            raise AgentError(500 if done.state == wire.OP_FAILURE else 408,
+                             done.error or f"operation {done.id} is {done.state}")
+        return done.result or {}
+
+    def cancel(self, op_id: str) -> wire.Operation:
+        return wire.Operation.from_json(self.request("DELETE", f"/operations/{op_id}").json())
+
+    def events(self, types: Iterable[str] = ("lifecycle", "operation"),
+               guests: Iterable[str] | None = None, processes: Iterable[str] = (),
+               interval: float = 2.0) -> Iterator[wire.Event]:
+        """The event stream, one Event at a time, until the agent ends it."""
+        params = {"type": ",".join(types), "interval": str(interval)}
+        if guests is not None:
+            params["guest"] = ",".join(guests)
+        if processes:
+            params["processes"] = ",".join(processes)
+        with self._http.stream("GET", f"{V}/events", params=params,
+                               timeout=httpx.Timeout(10.0, read=None)) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                err = resp.json()
+                raise AgentError(resp.status_code, str(err.get("error")), err.get("field"))
+            for line in resp.iter_lines():
+                if line:
+                    yield wire.Event.from_json(json.loads(line))
