@@ -25,7 +25,7 @@ def main() -> int:
                 print(f"Building the demo vserver in {paths.root(NAME)} ...", flush=True)
                 agent.run(agent.build(wire.BuildRequest(
                     name=NAME, method="busybox", hostname="demo.vpanel.test",
-                    description="make run's demo guest", onboot=True)))
+                    description="the demo guest of make run", onboot=True)))
             info = agent.guest(NAME)
             if info.state == wire.STATE_RUNNING:
                 print("The demo vserver is already running.")

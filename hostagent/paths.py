@@ -62,7 +62,9 @@ class Paths:
         self.rootdir.mkdir(mode=0o000, parents=True, exist_ok=True)
         os.chmod(self.rootdir, 0o000)
         self.rundir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.rundir, 0o700)
+        # Nobody else may list or reach into it; the agent may have let its
+        # socket's group search it (0710) to reach agent.sock, which stays.
+        os.chmod(self.rundir, 0o700 | (os.stat(self.rundir).st_mode & 0o010))
 
     def guest_names(self) -> list[str]:
         """Every guest that has a NAME.conf, sorted."""

@@ -33,6 +33,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# The group allowed on the agent's socket besides root (docs/agent-api.md):
+# the panel's user joins it. A system group with no members changes nothing.
+if [ "$(id -u)" -eq 0 ] && ! getent group vpanel >/dev/null && command -v groupadd >/dev/null; then
+  groupadd --system vpanel
+fi
+
 # Debian's interpreter starts in a quarter of the time of some hand-built ones
 # (reference/perf.md), which matters for the command-line tools.
 PY=${PYTHON:-}

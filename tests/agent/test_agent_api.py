@@ -266,9 +266,19 @@ def test_oversized_body_is_refused_before_it_is_read(agent: AgentProcess) -> Non
     assert status == 413 and reply["status"] == 413
 
 
-def test_the_socket_is_not_open_to_everyone(agent: AgentProcess) -> None:
-    mode = os.stat(agent.socket).st_mode & 0o777
-    assert mode & 0o007 == 0, oct(mode)
+def test_the_socket_is_open_to_root_and_the_agents_group_only(
+        agent: AgentProcess, client: AgentClient, vroots: Paths) -> None:
+    import grp
+
+    build(client, "perm")  # operations re-create the run directory's mode
+    sock, run = os.stat(agent.socket), os.stat(vroots.rundir)
+    try:
+        group = grp.getgrnam("vpanel").gr_gid
+    except KeyError:  # no such group here: root only
+        assert sock.st_mode & 0o077 == 0 and run.st_mode & 0o077 == 0
+        return
+    assert (sock.st_mode & 0o777, sock.st_gid) == (0o660, group)
+    assert (run.st_mode & 0o777, run.st_gid) == (0o710, group)
 
 
 def _request_as_nobody(sock: Path) -> subprocess.CompletedProcess[str]:
@@ -309,3 +319,29 @@ def test_stats_and_quotas_cover_every_guest(client: AgentClient) -> None:
     (row,) = client.stats()
     assert row.name == "st" and row.processes >= 1 and row.uptime >= 0
     assert {q["name"] for q in client.quotas()} == {"st", "idle"}
+
+
+def test_events_over_a_websocket_with_a_guests_process_list(agent: AgentProcess,
+                                                           client: AgentClient) -> None:
+    import asyncio
+
+    import aiohttp
+
+    build(client, "ws")
+    client.run(client.state("ws", "start"))
+
+    async def listen() -> list[dict[str, object]]:
+        conn = aiohttp.UnixConnector(path=str(agent.socket))
+        async with aiohttp.ClientSession(connector=conn) as session, session.ws_connect(
+                "http://agent/1.0/events?type=lifecycle&processes=ws&interval=0.5") as ws:
+            got = []
+            async for msg in ws:
+                got.append(msg.json())
+                if len(got) == 2:
+                    break
+            return got
+
+    events = asyncio.run(asyncio.wait_for(listen(), 30))
+    assert [e["type"] for e in events] == [wire.TYPE_PROCESSES] * 2
+    rows = events[0]["metadata"]["processes"]  # type: ignore[index]
+    assert 1 in {r["guest_pid"] for r in rows}
