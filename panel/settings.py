@@ -9,6 +9,8 @@ Everything a deployment changes comes from the environment:
   VPANEL_HTTPS        1 when the panel is only reached over HTTPS: cookies become Secure
   VPANEL_VAR_DIR      state directory (default var/ in the source tree): the
                       secret key and the SQLite database
+  DATABASE_URL        postgres://USER:PASS@HOST/DB for PostgreSQL (default SQLite)
+  REDIS_URL           redis://HOST:PORT for the channel layer (default in memory)
 """
 
 from __future__ import annotations
@@ -116,6 +118,13 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "axes",
+    "channels",
     "panel.hosting",
     "panel.guests",
 ]
@@ -127,9 +136,61 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its answer.
+    "axes.middleware.AxesMiddleware",
 ]
+
+AUTHENTICATION_BACKENDS = [
+    # First: refuses logins from a user and address over the failure limit.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+
+# Login throttling (django-axes): after 5 failures for one user name from one
+# address, that pair is locked out for 15 minutes.
+AXES_FAILURE_LIMIT = 5
+AXES_COOLOFF_TIME = 0.25  # hours
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "panel.hosting.api.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+        "rest_framework.filters.SearchFilter",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_THROTTLE_RATES": {"anon": "60/min", "user": "1200/min"},
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "vpanel API",
+    "DESCRIPTION": "Customers, plans, hosts, IP pools and vservers.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# Channels: in memory unless REDIS_URL names a redis (then channels-redis).
+if os.environ.get("REDIS_URL"):
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                                  "CONFIG": {"hosts": [os.environ["REDIS_URL"]]}}}
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 ROOT_URLCONF = "panel.urls"
 WSGI_APPLICATION = "panel.wsgi.application"
@@ -151,12 +212,7 @@ TEMPLATES = [
     },
 ]
 
-if os.environ.get("DATABASE_URL"):
-    raise ImproperlyConfigured(
-        "DATABASE_URL is not read yet: the panel uses SQLite in VPANEL_VAR_DIR; unset it"
-    )
-
-DATABASES = {
+_SQLITE = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": VAR_DIR / "db.sqlite3",
@@ -171,6 +227,15 @@ DATABASES = {
         },
     },
 }
+
+# DATABASE_URL (postgres://user:pass@host/db) selects PostgreSQL; unset, SQLite.
+if os.environ.get("DATABASE_URL"):
+    import dj_database_url
+
+    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"],
+                                                  conn_max_age=60, conn_health_checks=True)}
+else:
+    DATABASES = _SQLITE
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -1,7 +1,7 @@
-"""URL routes of the panel."""
+"""URL routes of the panel: pages, the API under /api/v1/, its schema, the admin."""
 
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from panel import views
 
@@ -9,4 +9,11 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("healthz", views.healthz, name="healthz"),
     path("admin/", admin.site.urls),
+    # Pages (panel/hosting/urls.py: login, account, staff pages;
+    # panel/guests/urls.py: dashboard, vserver pages).
+    path("", include("panel.hosting.urls")),
+    path("", include("panel.guests.urls")),
+    # The REST API (panel/*/api/urls.py) and its OpenAPI schema.
+    path("api/v1/", include("panel.hosting.api.urls")),
+    path("api/v1/", include("panel.guests.api.urls")),
 ]

@@ -1,0 +1,5 @@
+"""API routes (panel/guests/api)."""
+
+from __future__ import annotations
+
+urlpatterns: list[object] = []

@@ -1,0 +1,5 @@
+"""Page routes (panel/guests)."""
+
+from __future__ import annotations
+
+urlpatterns: list[object] = []

@@ -1,0 +1,5 @@
+"""API routes (panel/hosting/api)."""
+
+from __future__ import annotations
+
+urlpatterns: list[object] = []

@@ -1,0 +1,53 @@
+"""Every status and kind of the hosting app, with its badge colour (STYLE.md)."""
+
+from __future__ import annotations
+
+from django.db import models
+
+__all__ = [
+    "AuditResultChoices",
+    "CustomerKindChoices",
+    "HostStateChoices",
+    "IPFamilyChoices",
+    "RoleChoices",
+]
+
+
+class CustomerKindChoices(models.TextChoices):
+    KIND_HOSTING = "hosting", "Hosting customer"
+    KIND_CLASSROOM = "classroom", "Classroom"
+
+
+class RoleChoices(models.TextChoices):
+    ROLE_OWNER = "owner", "Owner"
+    ROLE_ADMIN = "admin", "Admin"
+    ROLE_MEMBER = "member", "Member"
+
+
+# Roles that may change things (create, resize, delete); members may operate
+# (start, stop, restart, console) and look.
+MANAGING_ROLES = frozenset({RoleChoices.ROLE_OWNER, RoleChoices.ROLE_ADMIN})
+
+
+class HostStateChoices(models.TextChoices):
+    STATE_ENABLED = "enabled", "Enabled"
+    STATE_MAINTENANCE = "maintenance", "Maintenance"
+    STATE_DISABLED = "disabled", "Disabled"
+
+
+HOST_STATE_COLOURS = {
+    HostStateChoices.STATE_ENABLED: "success",
+    HostStateChoices.STATE_MAINTENANCE: "warning",
+    HostStateChoices.STATE_DISABLED: "secondary",
+}
+
+
+class IPFamilyChoices(models.IntegerChoices):
+    FAMILY_4 = 4, "IPv4"
+    FAMILY_6 = 6, "IPv6"
+
+
+class AuditResultChoices(models.TextChoices):
+    RESULT_OK = "ok", "OK"
+    RESULT_DENIED = "denied", "Denied"
+    RESULT_ERROR = "error", "Error"

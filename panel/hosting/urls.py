@@ -1,0 +1,5 @@
+"""Page routes (panel/hosting)."""
+
+from __future__ import annotations
+
+urlpatterns: list[object] = []
