@@ -222,12 +222,11 @@ class Agent:
             return
 
         def cleanup(_p: Progress) -> dict[str, Any]:
-            guest.stop(self.paths, name, timeout=0)
-            return {"how": how}
+            return {"how": how, "cleaned": guest.cleanup_after_exit(self.paths, name, pid)}
 
         self.ops.submit("exited", name, cleanup, on_done=lambda op: self.bus.publish(
-            wire.TYPE_LIFECYCLE, wire.EVENT_GUEST_EXITED, name, state=wire.STATE_STOPPED,
-            how=how, init_pid=pid))
+            wire.TYPE_LIFECYCLE, wire.EVENT_GUEST_EXITED, name,
+            state=self._state_of_quick(name, None), how=how, init_pid=pid))
 
     def _fakeinit(self, name: str) -> bool:
         try:

@@ -1055,3 +1055,19 @@ def checkpoint(step: str) -> None:
     if marker:
         Path(marker).write_text(step)
     time.sleep(3600)
+
+
+def cleanup_after_exit(paths: Paths, name: str, init_pid: int) -> bool:
+    """Clean up after NAME's PID 1 INIT_PID ended on its own; False if nothing to do.
+
+    Nothing is done when NAME has been started again meanwhile (its record
+    names another PID 1): a `vserver NAME restart` from the command line makes
+    the agent see the old PID 1 end just before the new one starts.
+    """
+    check_name(name)
+    with _locked(paths, name):
+        st = read_state(paths, name)
+        if st is not None and (st.init_pid != init_pid or _alive(st)):
+            return False
+        _cleanup_stale(paths, name, st)
+        return True

@@ -11,6 +11,8 @@ DEB_PACKAGES=(
   lxcfs            # guests' own meminfo, cpuinfo, stat, loadavg, uptime (scripts/lxcfs.sh)
   libseccomp2      # seccomp filters, loaded through cffi
   iproute2 procps util-linux
+  curl             # the agent API by hand (curl --unix-socket), scripts/agent.sh, tests
+  openssl          # root password hashes for guests (openssl passwd -6)
   nftables         # the host-wide rule that drops packets with a forged guest source
   debootstrap      # the 'debootstrap' build method
   gcc libc6-dev    # compile the static /sbin/vreboot (hostagent/guestbin) put into every guest built

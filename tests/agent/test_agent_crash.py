@@ -280,3 +280,19 @@ def test_the_agent_starts_onboot_guests_once_per_boot(vroots: Paths,
     assert "skipped" in (client.wait(onboot_op["id"]).result or {})
     assert client.guest("second").state == wire.STATE_STOPPED
     assert client.guest("first").state == wire.STATE_RUNNING
+
+
+def test_a_restart_from_the_command_line_is_not_undone_by_the_agent(
+        vroots: Paths, agents: list[AgentProcess]) -> None:
+    import subprocess
+    import sys
+
+    client = new_agent(agents, vroots)
+    build(client, "cli")
+    first = client.run(client.state("cli", "start"))["init_pid"]
+    vserver = str(Path(sys.executable).parent / "vserver")
+    subprocess.run([vserver, "cli", "restart"], check=True, capture_output=True, timeout=60)
+    time.sleep(3)  # the agent saw the old PID 1 end, and rescans every 2 s
+    info = client.guest("cli")
+    assert info.state == wire.STATE_RUNNING and info.init_pid not in (None, first)
+    client.run(client.state("cli", "stop"))
