@@ -6,6 +6,8 @@ PY    := $(VENV)/bin/python
 DEMO  ?= $(CURDIR)/var/demo
 DEMO_ENV := VSERVER_CONFDIR=$(DEMO)/etc VSERVER_ROOTDIR=$(DEMO)/vservers VSERVER_RUNDIR=$(DEMO)/run
 PANEL_ADDR ?= 127.0.0.1:8000
+# The vserver seed_demo makes; the demo-* targets act on it.
+DEMO_GUEST ?= web
 CMD ?= ps
 
 .PHONY: run test deps lint clean demo-enter demo-exec demo-stop demo-status agent-stop bench
@@ -28,21 +30,22 @@ run: deps
 	$(PY) manage.py migrate --noinput -v0
 	@scripts/lxcfs.sh || true
 	$(DEMO_ENV) scripts/agent.sh start
-	$(DEMO_ENV) $(PY) -m hostagent.demo
-	@echo "Panel: http://$(PANEL_ADDR)/  (Ctrl-C stops the panel; the agent and the demo vserver keep running; make agent-stop ends the agent)"
-	$(PY) manage.py runserver --insecure --noreload $(PANEL_ADDR)
+	$(DEMO_ENV) $(PY) manage.py seed_demo
+	@echo "Panel: http://$(PANEL_ADDR)/  (Ctrl-C stops the panel and its reconciler; the agent and the vservers keep running; make agent-stop ends the agent)"
+	PANEL_ADDR=$(PANEL_ADDR) scripts/panel.sh
 
 demo-enter: deps
-	$(DEMO_ENV) $(VENV)/bin/vserver demo enter
+	$(DEMO_ENV) $(VENV)/bin/vserver $(DEMO_GUEST) enter
 
 demo-exec: deps
-	$(DEMO_ENV) $(VENV)/bin/vserver demo exec $(CMD)
+	$(DEMO_ENV) $(VENV)/bin/vserver $(DEMO_GUEST) exec $(CMD)
 
 demo-status: deps
-	$(DEMO_ENV) $(VENV)/bin/vserver demo status
+	$(DEMO_ENV) $(VENV)/bin/vserver $(DEMO_GUEST) status
 
+# Behind the panel's back: the reconciler sees it and starts it again (the panel wants it running).
 demo-stop: deps
-	$(DEMO_ENV) $(VENV)/bin/vserver demo stop
+	$(DEMO_ENV) $(VENV)/bin/vserver $(DEMO_GUEST) stop
 
 agent-stop:
 	$(DEMO_ENV) scripts/agent.sh stop
@@ -54,6 +57,7 @@ bench: deps
 	$(PY) bench/density.py
 	$(PY) bench/unify.py
 	$(PY) bench/agent_api.py
+	$(PY) bench/panel_api.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

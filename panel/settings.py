@@ -6,7 +6,11 @@ Everything a deployment changes comes from the environment:
                       kept in VAR_DIR/secret_key (mode 0600)
   VPANEL_DEBUG        1/true/yes/on to turn Django's debug mode on (default off)
   VPANEL_ALLOWED_HOSTS  comma-separated host names served besides the loopback ones
-  VPANEL_HTTPS        1 when the panel is only reached over HTTPS: cookies become Secure
+  VPANEL_HTTPS        1 when the panel is only reached over HTTPS: cookies become Secure,
+                      plain-HTTP requests are redirected and HSTS is sent (one year)
+  VPANEL_STAFF_2FA    1 to make staff users enrol a TOTP device before they may use
+                      any page (default off; users with a device are always asked
+                      for its code at login, staff or not)
   VPANEL_VAR_DIR      state directory (default var/ in the source tree): the
                       secret key and the SQLite database
   DATABASE_URL        postgres://USER:PASS@HOST/DB for PostgreSQL (default SQLite)
@@ -112,6 +116,10 @@ ALLOWED_HOSTS = [
 ]
 
 INSTALLED_APPS = [
+    # First, so that its runserver replaces Django's: `manage.py runserver`
+    # then serves the ASGI application (websockets too) through Daphne, and
+    # still serves static files under DEBUG or with --insecure.
+    "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -121,6 +129,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files for /api/docs/, served here, not from a CDN
     "django_otp",
     "django_otp.plugins.otp_totp",
     "axes",
@@ -138,6 +147,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # After OTPMiddleware: sends a session whose user has a TOTP device but has not
+    # given its code (or staff without a device, under VPANEL_STAFF_2FA) to that step.
+    "panel.hosting.middleware.TwoFactorMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Last, as django-axes asks: it turns a locked-out login into its answer.
     "axes.middleware.AxesMiddleware",
@@ -156,6 +168,11 @@ AXES_COOLOFF_TIME = 0.25  # hours
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
 AXES_VERBOSE = False
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+
+# Two-factor logins (django-otp, TOTP): see panel/hosting/middleware.py.
+VPANEL_STAFF_2FA = _env_bool("VPANEL_STAFF_2FA", False)
+OTP_TOTP_ISSUER = "vpanel"
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"
@@ -183,6 +200,14 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Customers, plans, hosts, IP pools and vservers.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Separate request and response components: read-only fields (owner, host,
+    # IPs, status) do not appear in what a client may send.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # One name per choice set used by more than one field.
+    "ENUM_NAME_OVERRIDES": {"RoleEnum": "panel.hosting.choices.RoleChoices"},
 }
 
 # Channels: in memory unless REDIS_URL names a redis (then channels-redis).
@@ -225,6 +250,11 @@ _SQLITE = {
             "transaction_mode": "IMMEDIATE",
             "timeout": 20,
         },
+        # Tests: a file, not SQLite's in-memory database, whose shared cache
+        # fails concurrent writers with "database table is locked" instead of
+        # letting them wait (tests/panel/api/test_concurrency.py runs threads).
+        # One per process, so that test runs side by side never share one.
+        "TEST": {"NAME": str(Path(tempfile.gettempdir()) / f"vpanel-test-{os.getpid()}.sqlite3")},
     },
 }
 
@@ -270,6 +300,18 @@ CSRF_COOKIE_SAMESITE = "Lax"
 # Secure cookies are never sent over plain http://, which would lock people out
 # of a panel tried on http://127.0.0.1, so they follow VPANEL_HTTPS.
 SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = _env_bool("VPANEL_HTTPS", False)
+# Under VPANEL_HTTPS, plain http:// is redirected and browsers are told to keep to
+# HTTPS for a year, for the panel's host name and the names below it (HSTS covers
+# the sending host and its subdomains only, never its siblings or parent).
+# Preloading is not asked for: a preload-list entry is for the owner of the whole
+# domain to request, and cannot quickly be undone, so its check (W021) is silenced.
+if SESSION_COOKIE_SECURE:
+    SECURE_SSL_REDIRECT = True
+    SECURE_HSTS_SECONDS = 365 * 24 * 60 * 60
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    # Supervisors and load balancers may probe over plain HTTP on the loopback.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
 
 # Response headers.
 X_FRAME_OPTIONS = "DENY"

@@ -2,6 +2,7 @@
 
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from panel import views
 
@@ -16,4 +17,6 @@ urlpatterns = [
     # The REST API (panel/*/api/urls.py) and its OpenAPI schema.
     path("api/v1/", include("panel.hosting.api.urls")),
     path("api/v1/", include("panel.guests.api.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
 ]

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 
@@ -42,6 +42,9 @@ def vpanel_context(request: HttpRequest) -> dict[str, str]:
 
 @require_safe
 def home(request: HttpRequest) -> HttpResponse:
+    """What vpanel is, for visitors; a logged-in user's home is their dashboard."""
+    if request.user.is_authenticated:
+        return redirect("dashboard")
     return render(request, "home.html", {"seed_tools": SEED_TOOLS})
 
 

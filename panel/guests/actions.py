@@ -9,12 +9,14 @@ the admin call these and never save lifecycle state themselves.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import secrets
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from django.db import transaction
 from django.db.models import Count, Q, Sum
@@ -44,7 +46,12 @@ __all__ = [
     "set_limits",
     "start_vserver",
     "stop_vserver",
+    "system_start",
 ]
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class ActionError(Exception):
@@ -56,7 +63,31 @@ class ActionError(Exception):
 
 
 class Denied(ActionError):
-    """The acting user's role does not allow the action."""
+    """The acting user's role does not allow the action.
+
+    AUDIT holds the audit row's arguments: the refusal is recorded by
+    `records_denials` once the action's transaction has rolled back, since a
+    row written inside it would roll back with it.
+    """
+
+    def __init__(self, message: str, field: str | None = None,
+                 audit: tuple[Any, ...] | None = None) -> None:
+        super().__init__(message, field)
+        self.audit = audit
+
+
+def records_denials(fn: Callable[P, R]) -> Callable[P, R]:
+    """Outermost decorator of an action: write the audit row of a refusal."""
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except Denied as e:
+            if e.audit is not None:
+                pending, e.audit = e.audit, None  # once, even through nested actions
+                audit(*pending, result=AuditResultChoices.RESULT_DENIED)
+            raise
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -90,8 +121,8 @@ def _require(actor: Actor, customer: Customer, managing: bool, action: str,
     allowed = r is not None and (not managing or r in (RoleChoices.ROLE_OWNER,
                                                         RoleChoices.ROLE_ADMIN))
     if not allowed:
-        audit(actor, customer, target, action, result=AuditResultChoices.RESULT_DENIED)
-        raise Denied(f"your role ({r or 'none'}) may not {action.replace('-', ' ')}")
+        raise Denied(f"your role ({r or 'none'}) may not {action.replace('-', ' ')}",
+                     audit=(actor, customer, target, action))
 
 
 def _require_idle(vs: VServer, action: str) -> None:
@@ -116,6 +147,11 @@ def _usage(customer: Customer, exclude: VServer | None = None) -> dict[str, Any]
     return {"max_vservers": agg["n"] or 0, "memory_mb": agg["memory"] or 0,
             "cpu_cores": agg["cpu"] or Decimal(0), "disk_gb": agg["disk"] or 0,
             "max_ipv4": v4, "max_ipv6": v6}
+
+
+def plan_usage(customer: Customer) -> dict[str, Any]:
+    """What CUSTOMER's vservers take now, keyed like its plan's limits (usage bars)."""
+    return _usage(customer)
 
 
 _UNITS = {"max_vservers": "vservers", "memory_mb": "MiB of memory", "cpu_cores": "CPU cores",
@@ -234,6 +270,7 @@ def _send_event(vs_id: int) -> None:
 
 # --- the actions ------------------------------------------------------------------------
 
+@records_denials
 @transaction.atomic
 def create_vserver(customer: Customer, *, actor: Actor, name: str, hostname: str = "",
                    template: str = "", memory_mb: int = 256,
@@ -281,21 +318,44 @@ def _lifecycle(vs: VServer, actor: Actor, kind: str, status: str, desired: str,
         return op
 
 
+@records_denials
 def start_vserver(vs: VServer, *, actor: Actor) -> Operation:
     return _lifecycle(vs, actor, OperationKindChoices.KIND_START,
                       VServerStatusChoices.STATUS_STARTING, DesiredStateChoices.DESIRED_RUNNING)
 
 
+@records_denials
 def stop_vserver(vs: VServer, *, actor: Actor, force: bool = False) -> Operation:
     return _lifecycle(vs, actor, OperationKindChoices.KIND_STOP,
                       VServerStatusChoices.STATUS_STOPPING, DesiredStateChoices.DESIRED_STOPPED,
                       force=force)
 
 
+@records_denials
 def restart_vserver(vs: VServer, *, actor: Actor) -> Operation:
     return _lifecycle(vs, actor, OperationKindChoices.KIND_RESTART,
                       VServerStatusChoices.STATUS_RESTARTING,
                       DesiredStateChoices.DESIRED_RUNNING)
+
+
+# The panel acting on its own (the reconciler): audit rows name 'system'.
+SYSTEM = Actor(None)
+
+
+@transaction.atomic
+def system_start(vs: VServer, *, reason: str) -> Operation | None:
+    """Start VS for the panel itself: it should run (desired_state) and does not.
+
+    No user asked, so no role check; still nothing while the vserver is busy
+    or no longer meant to run (None then). Audited with actor 'system'.
+    """
+    vs = VServer.objects.select_for_update().get(pk=vs.pk)
+    if vs.busy or vs.desired_state != DesiredStateChoices.DESIRED_RUNNING:
+        return None
+    audit(SYSTEM, vs.customer, vs, "start-vserver", reason=reason)
+    op = _operation(vs, OperationKindChoices.KIND_START, SYSTEM)
+    _set_status(vs, VServerStatusChoices.STATUS_STARTING)
+    return op
 
 
 def _confirm(vs: VServer, confirm: str, action: str) -> None:
@@ -304,6 +364,7 @@ def _confirm(vs: VServer, confirm: str, action: str) -> None:
                           "confirm")
 
 
+@records_denials
 @transaction.atomic
 def reinstall_vserver(vs: VServer, *, actor: Actor, confirm: str,
                       template: str | None = None) -> Operation:
@@ -322,6 +383,7 @@ def reinstall_vserver(vs: VServer, *, actor: Actor, confirm: str,
     return op
 
 
+@records_denials
 @transaction.atomic
 def delete_vserver(vs: VServer, *, actor: Actor, confirm: str) -> Operation:
     vs = VServer.objects.select_for_update().get(pk=vs.pk)
@@ -334,6 +396,7 @@ def delete_vserver(vs: VServer, *, actor: Actor, confirm: str) -> Operation:
     return op
 
 
+@records_denials
 @transaction.atomic
 def set_hostname(vs: VServer, *, actor: Actor, hostname: str) -> Operation:
     vs = VServer.objects.select_for_update().get(pk=vs.pk)
@@ -346,6 +409,7 @@ def set_hostname(vs: VServer, *, actor: Actor, hostname: str) -> Operation:
     return _operation(vs, OperationKindChoices.KIND_SET_HOSTNAME, actor, hostname=hostname)
 
 
+@records_denials
 @transaction.atomic
 def set_limits(vs: VServer, *, actor: Actor, memory_mb: int | None = None,
                cpu_cores: Decimal | str | None = None, processes: int | None = None,
@@ -376,6 +440,7 @@ def generate_password(length: int = 16) -> str:
             return pw
 
 
+@records_denials
 @transaction.atomic
 def reset_root_password(vs: VServer, *, actor: Actor) -> tuple[Operation, str]:
     """A new random root password: returned once, to show once; only its hash leaves."""
@@ -392,6 +457,7 @@ def reset_root_password(vs: VServer, *, actor: Actor) -> tuple[Operation, str]:
                       password_hash=hashed), password
 
 
+@records_denials
 @transaction.atomic
 def add_ssh_key(vs: VServer, *, actor: Actor, name: str, key: str) -> SSHKey:
     vs = VServer.objects.select_for_update().get(pk=vs.pk)
@@ -405,6 +471,7 @@ def add_ssh_key(vs: VServer, *, actor: Actor, name: str, key: str) -> SSHKey:
     return k
 
 
+@records_denials
 @transaction.atomic
 def remove_ssh_key(key: SSHKey, *, actor: Actor) -> None:
     vs = VServer.objects.select_for_update().get(pk=key.vserver_id)
@@ -420,4 +487,12 @@ def address_family(address: str) -> int:
     return ipaddress.ip_address(address).version
 
 
-__all__ += ["Actor", "OperationStateChoices", "check_plan", "generate_password", "place"]
+__all__ += [
+    "Actor",
+    "OperationStateChoices",
+    "check_plan",
+    "generate_password",
+    "place",
+    "plan_usage",
+    "records_denials",
+]

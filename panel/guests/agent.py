@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
@@ -105,7 +106,8 @@ def run(op_id: int) -> None:
         Operation.objects.filter(pk=op.pk).update(
             state=OperationStateChoices.STATE_SUCCESS, progress=100, message="done",
             result=_public(result), updated=timezone.now())
-    except (AgentError, OSError, ValueError) as e:
+    # httpx.TransportError: the agent's socket is gone or the agent hung up (not an OSError).
+    except (AgentError, OSError, ValueError, httpx.HTTPError) as e:
         _LOG.warning("operation %s (%s %s) failed: %s", op.pk, op.kind, vs.name, e)
         Operation.objects.filter(pk=op.pk).update(
             state=OperationStateChoices.STATE_FAILURE, error=str(e)[:5000],
@@ -144,7 +146,7 @@ def refresh_status(vs: VServer, client: AgentClient | None = None) -> str:
                 "the host has no such vserver"
         else:
             status, ctx, pid, msg = VServerStatusChoices.STATUS_UNKNOWN, None, None, str(e)
-    except OSError as e:
+    except (OSError, httpx.HTTPError) as e:
         status, ctx, pid, msg = VServerStatusChoices.STATUS_UNKNOWN, None, None, \
             f"the host's agent does not answer: {e}"
     finally:

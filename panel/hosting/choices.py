@@ -51,3 +51,10 @@ class AuditResultChoices(models.TextChoices):
     RESULT_OK = "ok", "OK"
     RESULT_DENIED = "denied", "Denied"
     RESULT_ERROR = "error", "Error"
+
+
+AUDIT_RESULT_COLOURS = {
+    AuditResultChoices.RESULT_OK: "success",
+    AuditResultChoices.RESULT_DENIED: "warning",
+    AuditResultChoices.RESULT_ERROR: "danger",
+}

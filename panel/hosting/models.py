@@ -60,6 +60,16 @@ PLAN_LIMIT_FIELDS: dict[str, str] = {
 }
 
 
+class PlanQuerySet(models.QuerySet["Plan"]):
+    def visible_to(self, user: Any) -> PlanQuerySet:
+        """Staff see every plan; others the plans of the customers they belong to."""
+        if _is_staff(user):
+            return self
+        if not getattr(user, "is_authenticated", False):
+            return self.none()
+        return self.filter(customers__memberships__user=user).distinct()
+
+
 class Plan(models.Model):
     """What a customer may have, in total across their vservers (processes: per vserver)."""
 
@@ -80,6 +90,8 @@ class Plan(models.Model):
     console_allowed = models.BooleanField(default=True)
     templates = models.JSONField(default=list, blank=True,
                                  help_text="templates offered; empty: every template on the host")
+
+    objects = PlanQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
@@ -172,12 +184,24 @@ class Customer(models.Model):
         return m.role if m else None
 
 
+class MembershipQuerySet(models.QuerySet["Membership"]):
+    def visible_to(self, user: Any) -> MembershipQuerySet:
+        """Staff see all; others the memberships of the customers they belong to."""
+        if _is_staff(user):
+            return self
+        if not getattr(user, "is_authenticated", False):
+            return self.none()
+        return self.filter(customer__memberships__user=user).distinct()
+
+
 class Membership(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE,
                              related_name="memberships")
     customer = models.ForeignKey(Customer, on_delete=models.CASCADE, related_name="memberships")
     role = models.CharField(max_length=16, choices=RoleChoices.choices,
                             default=RoleChoices.ROLE_MEMBER)
+
+    objects = MembershipQuerySet.as_manager()
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "customer"],
