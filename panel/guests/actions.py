@@ -311,6 +311,11 @@ def _lifecycle(vs: VServer, actor: Actor, kind: str, status: str, desired: str,
         vs = VServer.objects.select_for_update().get(pk=vs.pk)
         _require(actor, vs.customer, False, f"{kind}-vserver", vs)
         _require_idle(vs, kind)
+        pointless = {OperationKindChoices.KIND_START: VServerStatusChoices.STATUS_RUNNING,
+                     OperationKindChoices.KIND_STOP: VServerStatusChoices.STATUS_STOPPED}
+        if pointless.get(kind) == vs.status:
+            raise ActionError(f"{vs.name} is already {vs.get_status_display().lower()}",
+                              "status")
         VServer.objects.filter(pk=vs.pk).update(desired_state=desired)
         audit(actor, vs.customer, vs, f"{kind}-vserver", **extra)
         op = _operation(vs, kind, actor, **extra)
