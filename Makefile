@@ -22,9 +22,10 @@ lint: deps
 	$(PY) manage.py makemigrations --check --dry-run
 
 # The whole suite: lint, then every test (root: kernel tests run for real).
+# The websocket tests run on the in-memory channel layer and on a private redis.
 test: lint
 	@scripts/lxcfs.sh || true
-	$(VENV)/bin/pytest -n auto --dist loadfile
+	VPANEL_TEST_REDIS_URL="$$(scripts/redis.sh start)" $(VENV)/bin/pytest -n auto --dist loadfile
 
 run: deps
 	$(PY) manage.py migrate --noinput -v0
@@ -58,6 +59,7 @@ bench: deps
 	$(PY) bench/unify.py
 	$(PY) bench/agent_api.py
 	$(PY) bench/panel_api.py
+	$(PY) bench/ws_fanout.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

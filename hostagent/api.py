@@ -221,6 +221,42 @@ async def exec_in(request: web.Request) -> web.Response:
     return _operation_reply(await agent.exec(name, req))
 
 
+async def open_console(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    name = _name(request)
+    body = await _body(request) if request.can_read_body else {}
+    info = await agent.open_console(name, wire.ConsoleRequest.from_json(body))
+    return _json(info.to_json(), 201, {"Location": f"{V}/consoles/{info.id}"})
+
+
+async def list_consoles(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    return _json([c.to_json() for c in agent.consoles.all()])
+
+
+async def get_console(request: web.Request) -> web.StreamResponse:
+    """GET /1.0/consoles/ID: the session; with a websocket upgrade, attach to it.
+
+    Binary frames are the terminal's bytes both ways; text frames are JSON
+    control messages (wire.ConsoleResize in, wire.ConsoleExit and
+    wire.ConsoleError out). hostagent.consoles has the rules.
+    """
+    agent = request.app[AGENT_KEY]
+    session = agent.consoles.get(request.match_info["id"])
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return _json(session.info().to_json())
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=wire.MAX_BODY)
+    await ws.prepare(request)
+    await session.attach(ws, request)
+    return ws
+
+
+async def close_console(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    ended = await agent.consoles.close(request.match_info["id"])
+    return _json(ended.to_json())
+
+
 async def processes(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
     rows = await agent.processes(_name(request))
@@ -362,6 +398,10 @@ def make_app(agent: Agent) -> web.Application:
     r.add_put(f"{V}/guests/{{name}}/state", change_state)
     r.add_post(f"{V}/guests/{{name}}/exec", exec_in)
     r.add_get(f"{V}/guests/{{name}}/processes", processes)
+    r.add_post(f"{V}/guests/{{name}}/console", open_console)
+    r.add_get(f"{V}/consoles", list_consoles)
+    r.add_get(f"{V}/consoles/{{id}}", get_console)
+    r.add_delete(f"{V}/consoles/{{id}}", close_console)
     r.add_get(f"{V}/guests/{{name}}/quota", quota_one)
     r.add_get(f"{V}/stats", stats)
     r.add_get(f"{V}/quotas", quota_all)

@@ -2,22 +2,27 @@
 
 Synchronous (httpx over the Unix socket); every reply is decoded into the
 wire types of hostagent.wire, every error raised as AgentError with the
-agent's status, message and field.
+agent's status, message and field. attach_console is the one asynchronous
+part: a console's websocket, for the panel's async consumer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from hostagent import wire
 from hostagent.paths import Paths
 
-__all__ = ["AgentClient", "AgentError"]
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = ["AgentClient", "AgentError", "attach_console"]
 
 V = f"/{wire.API_VERSION}"
 
@@ -28,9 +33,13 @@ class AgentError(Exception):
         self.status, self.error, self.field = status, error, field
 
 
+def _socket(socket_path: Path | str | None) -> str:
+    return str(socket_path or Paths.from_env().rundir / "agent.sock")
+
+
 class AgentClient:
     def __init__(self, socket_path: Path | str | None = None, timeout: float = 60.0) -> None:
-        path = str(socket_path or Paths.from_env().rundir / "agent.sock")
+        path = _socket(socket_path)
         self.socket_path = path
         self._http = httpx.Client(transport=httpx.HTTPTransport(uds=path),
                                   base_url="http://agent", timeout=timeout)
@@ -116,6 +125,28 @@ class AgentClient:
         return [wire.ProcessRow.from_json(r)
                 for r in self.request("GET", f"/guests/{name}/processes").json()]
 
+    # --- consoles ---
+
+    def console_open(self, name: str, cols: int = 80, rows: int = 24, user: str | None = None,
+                     idle: float | None = None) -> wire.ConsoleInfo:
+        """A login shell in NAME on a COLS x ROWS terminal; attach with attach_console."""
+        body: dict[str, Any] = {"cols": cols, "rows": rows, "user": user}
+        if idle is not None:
+            body["idle"] = idle
+        return wire.ConsoleInfo.from_json(
+            self.request("POST", f"/guests/{name}/console", body).json())
+
+    def consoles(self) -> list[wire.ConsoleInfo]:
+        return list(wire.decode_list(wire.ConsoleInfo, self.request("GET", "/consoles").json()))
+
+    def console(self, console_id: str) -> wire.ConsoleInfo:
+        return wire.ConsoleInfo.from_json(self.request("GET", f"/consoles/{console_id}").json())
+
+    def console_close(self, console_id: str) -> wire.ConsoleExit:
+        """End the session: its shell and what it left running are killed."""
+        return wire.ConsoleExit.from_json(
+            self.request("DELETE", f"/consoles/{console_id}").json())
+
     # --- templates ---
 
     def templates(self) -> list[wire.TemplateInfo]:
@@ -155,8 +186,14 @@ class AgentClient:
 
     def events(self, types: Iterable[str] = ("lifecycle", "operation"),
                guests: Iterable[str] | None = None, processes: Iterable[str] = (),
-               interval: float = 2.0) -> Iterator[wire.Event]:
-        """The event stream, one Event at a time, until the agent ends it."""
+               interval: float = 2.0,
+               on_open: Callable[[], None] | None = None) -> Iterator[wire.Event]:
+        """The event stream, one Event at a time, until the agent ends it.
+
+        ON_OPEN is called once the agent has answered, before the first event:
+        the listener is in place then, so state read from there on misses no
+        event (the panel's bridge refreshes every vserver at that point).
+        """
         params = {"type": ",".join(types), "interval": str(interval)}
         if guests is not None:
             params["guest"] = ",".join(guests)
@@ -168,6 +205,35 @@ class AgentClient:
                 resp.read()
                 err = resp.json()
                 raise AgentError(resp.status_code, str(err.get("error")), err.get("field"))
+            if on_open is not None:
+                on_open()
             for line in resp.iter_lines():
                 if line:
                     yield wire.Event.from_json(json.loads(line))
+
+
+@contextlib.asynccontextmanager
+async def attach_console(socket_path: Path | str | None, console_id: str, *,
+                         heartbeat: float = 30.0
+                         ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """Attach to console CONSOLE_ID: `async with attach_console(sock, id) as ws:`.
+
+    Binary frames are the terminal's bytes both ways (ws.send_bytes for
+    keystrokes); text frames are JSON: send wire.ConsoleResize(...).to_json()
+    with ws.send_json, receive wire.ConsoleExit (then the socket closes) or
+    wire.ConsoleError. The session outlives the socket: leaving the block
+    only detaches. Raises AgentError if there is no such console.
+    """
+    import aiohttp  # only here: the panel's other imports of this module stay light
+
+    connector = aiohttp.UnixConnector(path=_socket(socket_path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            ws = await session.ws_connect(f"http://agent{V}/consoles/{console_id}",
+                                          heartbeat=heartbeat, max_msg_size=wire.MAX_BODY)
+        except aiohttp.WSServerHandshakeError as e:
+            if e.status == 404:
+                raise AgentError(404, f"no console {console_id[:64]!r}", "id") from e
+            raise AgentError(e.status, e.message) from e
+        async with ws:
+            yield ws

@@ -22,7 +22,9 @@ Entering (enter): fork C, which joins the guest's namespaces through a pidfd
 of its PID 1 (so a recycled PID can never be joined), clones D inside the PID
 namespace and the guest's cgroup, and waits for it; D joins the cgroup
 namespace, takes the same ceiling, limits and filter as the guest, and execs
-the command.
+the command. open_terminal is the same with a terminal of the guest's own
+devpts, whose master C hands back to the caller (with a pidfd of D) instead
+of relaying it, so that an event loop can serve it (the agent's consoles).
 
 B is the caller's child: a long-lived caller (the agent) reaps it when the
 guest ends; a short-lived one (the CLI) exits and the host's init does.
@@ -74,10 +76,12 @@ __all__ = [
     "ContextSpec",
     "EnterRequest",
     "LaunchError",
+    "Terminal",
     "copy_until_exit",
     "enter",
     "init_binary",
     "launch_init",
+    "open_terminal",
 ]
 
 GUEST_NAMESPACES = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWCGROUP
@@ -658,6 +662,9 @@ class EnterRequest:
     env: dict[str, str] | None = None
     pty: bool = False  # allocate a terminal inside the guest and relay to ours
     stdio: tuple[int, int, int] | None = None  # fds to become the command's 0, 1, 2
+    # With pty: the terminal's first size, (rows, cols); None copies our stdin's
+    # if that is a terminal.
+    winsize: tuple[int, int] | None = None
 
 
 def enter(
@@ -672,6 +679,22 @@ def enter(
     The exit status follows the shell's convention (128 + signal number for
     a command killed by a signal).
     """
+    c, st_r = _fork_enter(init_pidfd, spec, req)
+    if on_child is not None:
+        on_child(c)
+    while True:
+        try:
+            _, status = os.waitpid(c, 0)
+            break
+        except InterruptedError:
+            continue
+    _check_report(st_r)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _fork_enter(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
+                handoff: int = -1) -> tuple[int, int]:
+    """Fork C for REQ; return its pid and the read end of the step report pipe."""
     _prepare(spec)
     cg_fd = spec.cgroup.clone_fd() if spec.cgroup is not None else None
     procs_fd = -1
@@ -682,30 +705,79 @@ def enter(
     c = os.fork()
     if c == 0:
         os.close(st_r)
-        code = _enter_child(init_pidfd, spec, req, cg_fd, (procs_fd, *join_fds), st_w)
+        code = _enter_child(init_pidfd, spec, req, cg_fd, (procs_fd, *join_fds), st_w, handoff)
         os._exit(code)
     os.close(st_w)
     for fd in (procs_fd, -1 if cg_fd is None else cg_fd, *join_fds):
         if fd >= 0:
             os.close(fd)
-    if on_child is not None:
-        on_child(c)
-    while True:
-        try:
-            _, status = os.waitpid(c, 0)
-            break
-        except InterruptedError:
-            continue
+    return c, st_r
+
+
+def _check_report(st_r: int) -> None:
+    """Read the step report to its end (D's exec, or C and D gone); raise what it names."""
     with os.fdopen(st_r, "rb") as f:
         report = f.read()
     if report.startswith(_STEP_PREFIX):
         step, _, msg = report[len(_STEP_PREFIX):].decode(errors="replace").partition(": ")
         raise LaunchError(step, msg)
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+@dataclass(frozen=True)
+class Terminal:
+    """A command running inside a guest on a terminal of the guest's own devpts.
+
+    The caller owns every descriptor here and must close them. WAITER is the
+    caller's child C: it exits with the command's status once the command has
+    ended (128 + signal number if a signal killed it), so its pidfd (or a
+    waitpid) is how the caller learns the end and the status, and the caller
+    must reap it. PIDFD pins D for signals that must never reach a recycled pid.
+    """
+
+    master: int  # the terminal's master side
+    pid: int  # host pid of the command (D), the leader of its own session
+    pidfd: int  # pidfd of D
+    waiter: int  # host pid of C
+
+
+def open_terminal(init_pidfd: int, spec: ContextSpec, req: EnterRequest) -> Terminal:
+    """Start REQ (which must ask for a pty) inside the context and return at once.
+
+    As enter() with pty=True, except that C hands the terminal's master back
+    to us over a socket (SCM_RIGHTS) instead of relaying it to our stdio, then
+    closes every descriptor it has and only waits for D. The caller reads and
+    writes the master in its own loop.
+    """
+    if not req.pty:
+        raise ValueError("open_terminal needs a request with pty=True")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    with ours:
+        try:
+            c, st_r = _fork_enter(init_pidfd, spec, req, theirs.fileno())
+        finally:
+            theirs.close()
+        fds: list[int] = []
+        try:
+            try:
+                # EOF, no descriptors: C failed before it could send them.
+                msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 2)
+            finally:
+                _check_report(st_r)  # after D's exec, or its failure
+            if len(fds) != 2 or len(msg) != 4:
+                raise LaunchError("pty", "the terminal was not handed back")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            _reap_failed(c)
+            raise
+    (pid,) = struct.unpack("i", msg)
+    os.set_blocking(fds[0], False)
+    return Terminal(master=fds[0], pid=pid, pidfd=fds[1], waiter=c)
 
 
 def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
-                 cg_fd: int | None, procs_fds: Sequence[int], st_w: int) -> int:
+                 cg_fd: int | None, procs_fds: Sequence[int], st_w: int,
+                 handoff: int = -1) -> int:
     """C: joins the namespaces, clones D inside them, relays and waits. Returns D's status.
 
     D never receives one of the caller's descriptors: it gets the caller's
@@ -723,7 +795,7 @@ def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
         child_fds: list[int] = []
         if req.pty:
             step = "pty"
-            master, slave = _guest_pty()
+            master, slave = _guest_pty(req.winsize)
             req = dataclasses.replace(req, stdio=(slave, slave, slave))
             routes, feed, child_fds = {master: 1}, master, [slave]
         elif req.stdio is None:
@@ -746,13 +818,24 @@ def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
         # Only D may hold its ends, so that readers see EOF when it is done.
         for fd in set(child_fds):
             os.close(fd)
+        if handoff >= 0:
+            step = "handoff"
+            pidfd = syscalls.pidfd_open(d)  # D is our unreaped child: it is D
+            with socket.socket(fileno=handoff) as sk:
+                socket.send_fds(sk, [struct.pack("i", d)], [feed, pidfd])
+            # The caller holds the terminal now. C is a fork of the caller and
+            # lives as long as the command: it keeps none of the caller's
+            # descriptors (its sockets, other consoles' terminals, which would
+            # then never hang up) and runs nothing but the wait from here on.
+            _close_all_but([])
+            return _exit_status(d)
         return _relay(d, routes, feed, raw=req.pty)
     except BaseException as e:
         _fail(st_w, step, e)
     return 127
 
 
-def _guest_pty() -> tuple[int, int]:
+def _guest_pty(winsize: tuple[int, int] | None = None) -> tuple[int, int]:
     """A terminal pair from the guest's own devpts (we are in its mount namespace).
 
     The guest never gets the caller's terminal: a process holding the host's
@@ -762,7 +845,9 @@ def _guest_pty() -> tuple[int, int]:
     fcntl.ioctl(master, syscalls.TIOCSPTLCK, struct.pack("i", 0))
     ptn = struct.unpack("I", fcntl.ioctl(master, syscalls.TIOCGPTN, b"\0" * 4))[0]
     slave = os.open(f"/dev/pts/{ptn}", os.O_RDWR | os.O_NOCTTY)
-    if os.isatty(0):
+    if winsize is not None:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *winsize, 0, 0))
+    elif os.isatty(0):
         fcntl.ioctl(slave, termios.TIOCSWINSZ, fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8))
     return master, slave
 
@@ -902,6 +987,11 @@ def _relay(child: int, routes: dict[int, int], feed: int, *, raw: bool) -> int:
                     os.close(fd)
         if old is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, old)
+    return _exit_status(child)
+
+
+def _exit_status(child: int) -> int:
+    """Wait for CHILD; its status as a shell gives it (128 + signal number if killed)."""
     _, status = os.waitpid(child, 0)
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)

@@ -9,7 +9,8 @@ and cgroups and watches them again (same PIDs, network untouched), and serves
 their /dev/reboot sockets anew.
 
 Work runs in threads (hostagent.operations); the event loop thread only
-answers requests, fans out events and watches guests' PID 1s through pidfds.
+answers requests, fans out events, watches guests' PID 1s through pidfds and
+relays the terminals of console sessions (hostagent.consoles).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from hostagent import conf as confmod
 from hostagent import guest, onboot, rebootmgr, recovery, syscalls, templates, wire
 from hostagent.api import ApiError, make_app
 from hostagent.cgroup import Cgroup
+from hostagent.consoles import Consoles
 from hostagent.events import EventBus
+from hostagent.guest import Console
 from hostagent.operations import Journal, Operation, Operations, Progress
 from hostagent.paths import Paths
 
@@ -90,6 +93,7 @@ class Agent:
         self.bus = EventBus(loop, self._sample_processes)
         self.ops = Operations(self.bus, Journal(self.paths.rundir / "journal"))
         self.reboot = rebootmgr.RebootManager(self.paths, self._on_reboot_request)
+        self.consoles = Consoles(loop, self._open_console, self._console_event)
         # Before anyone may ask for anything: finish or undo the last agent's work.
         self._recovered = await loop.run_in_executor(
             None, recovery.recover, self.paths, self.ops.journal)
@@ -140,6 +144,7 @@ class Agent:
         """Stop serving. Running guests are left running: that is the point."""
         for t in self._tasks:
             t.cancel()
+        await self.consoles.close_all()  # a console's terminal lives in this process
         await self.bus.close()  # ends every event stream, so no connection lingers
         if self._runner is not None:
             await self._runner.cleanup()
@@ -203,6 +208,7 @@ class Agent:
 
     def _on_init_exit(self, name: str, pid: int, fd: int) -> None:
         """NAME's PID 1 ended: it crashed, halted or rebooted itself, or we stopped it."""
+        self.consoles.end_guest(name)
         how = "exit"
         with contextlib.suppress(ChildProcessError, OSError):
             # Only the parent (us, if we started it) may read how it ended;
@@ -519,6 +525,10 @@ class Agent:
             return start(p)
 
         work = {"start": start, "stop": stop, "restart": restart}[action]
+        if action != "start":
+            # Now, not when the stop gets there: an interactive shell ignores the
+            # TERM a stop sends, and would hold the stop for its whole grace time.
+            self.consoles.end_guest(name)
         event = {"start": wire.EVENT_GUEST_STARTED, "stop": wire.EVENT_GUEST_STOPPED,
                  "restart": wire.EVENT_GUEST_RESTARTED}[action]
         lifecycle = self._lifecycle_done(name, event)
@@ -561,6 +571,20 @@ class Agent:
         # Not serialised behind the guest's other operations: an exec does
         # not change the guest, and a long one must not hold up a stop.
         return self.ops.submit("exec", name, work, serialize=False).wire()
+
+    # --- consoles ---
+
+    async def open_console(self, name: str, req: wire.ConsoleRequest) -> wire.ConsoleInfo:
+        self._exists(name)
+        return await self.consoles.open(name, req)
+
+    def _open_console(self, name: str, user: str | None, cols: int,
+                      rows: int) -> Console:
+        return guest.open_console(self.paths, name, user=user, cols=cols, rows=rows)
+
+    def _console_event(self, action: str, name: str, **metadata: Any) -> None:
+        self.bus.publish(wire.TYPE_LIFECYCLE, action, name, state=self._state_of(name),
+                         **metadata)
 
     def create_template(self, req: wire.TemplateCreate) -> wire.Operation:
         source = req.source

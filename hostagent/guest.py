@@ -21,7 +21,9 @@ import ipaddress
 import os
 import resource
 import signal
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,12 +43,14 @@ if TYPE_CHECKING:
     from hostagent import netns
 
 __all__ = [
+    "Console",
     "GuestError",
     "Output",
     "RunState",
     "build",
     "delete",
     "exec_in",
+    "open_console",
     "running",
     "service",
     "start",
@@ -698,11 +702,155 @@ def exec_in(paths: Paths, name: str, argv: Sequence[str], *, user: str | None = 
         raise GuestError(f"{name}: {e}") from e
 
 
+def _login_shell(root: Path) -> list[str]:
+    """bash if the guest has it, else sh, as a login shell (judged from outside by
+    lexists, which follows nothing; the shell itself runs inside)."""
+    return ["/bin/bash" if os.path.lexists(root / "bin/bash") else "/bin/sh", "-l"]
+
+
 def enter_shell(paths: Paths, name: str) -> int:
     """vserver NAME enter: a login shell inside, on a terminal of the guest's own."""
-    root = paths.root(name)
-    shell = "/bin/bash" if os.path.lexists(root / "bin/bash") else "/bin/sh"
-    return exec_in(paths, name, [shell, "-l"], tty=os.isatty(0))
+    return exec_in(paths, name, _login_shell(paths.root(name)), tty=os.isatty(0))
+
+
+# What the panel's browser terminal (xterm.js) emulates.
+CONSOLE_TERM = "xterm-256color"
+
+
+class Console:
+    """A login shell inside a running guest, on a terminal of the guest's own devpts.
+
+    Made as `vserver NAME enter` makes its shell, but nobody relays it: the
+    owner reads and writes MASTER_FD (non-blocking) in its own event loop.
+    WAITER_FD, a pidfd of the helper that waits for the shell, becomes
+    readable once the shell has ended; poll() then gives its exit status.
+    PIDFD pins the shell for signals. Every descriptor is the owner's to end
+    with close().
+    """
+
+    def __init__(self, guest: str, cgroup: str, term: context.Terminal) -> None:
+        self.guest = guest
+        self.master_fd = term.master
+        self.pid = term.pid  # host pid of the shell, leader of its own session
+        self.pidfd = term.pidfd
+        self._cgroup = cgroup
+        self._waiter = term.waiter
+        # Our unreaped child: its pid cannot have been reused.
+        self.waiter_fd = syscalls.pidfd_open(term.waiter)
+        self.status: int | None = None
+        self._killed = False
+
+    def resize(self, cols: int, rows: int) -> None:
+        """TIOCSWINSZ on the master: the kernel sends the shell's foreground job SIGWINCH."""
+        fcntl.ioctl(self.master_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def kill(self) -> None:
+        """SIGKILL the shell and every process still in its session (its jobs and theirs).
+
+        A process that left the session (setsid: a daemon started from the
+        console) is not the console's and is left alone. Members are found in
+        the guest's cgroup by their session id, the shell's host pid: that
+        number cannot go to another process while any member still has it as
+        its session id. Each is pinned with a pidfd before it is checked, so a
+        signal never reaches a recycled pid. Repeated while a pass finds some,
+        which catches children forked meanwhile.
+        """
+        self._killed = True
+        with contextlib.suppress(OSError):  # it has ended already
+            syscalls.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        for _ in range(10):
+            found = 0
+            for pid in Cgroup(self._cgroup).procs():
+                try:
+                    fd = syscalls.pidfd_open(pid)
+                except OSError:
+                    continue
+                try:
+                    if procfs.session_id(pid) == self.pid:
+                        syscalls.pidfd_send_signal(fd, signal.SIGKILL)
+                        found += 1
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+            if not found:
+                return
+
+    def poll(self) -> int | None:
+        """The shell's exit status once it has ended (128 + signal if killed), else None.
+
+        Never blocks; reaps the helper, whose exit status is the shell's.
+        """
+        if self.status is None and self._waiter > 0:
+            pid, status = os.waitpid(self._waiter, os.WNOHANG)
+            if pid:
+                self._waiter = 0
+                self.status = (128 + os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                               else os.waitstatus_to_exitcode(status))
+        return self.status
+
+    def close_master(self) -> None:
+        """Let go of the terminal: the kernel hangs it up when no one else holds it."""
+        if self.master_fd >= 0:
+            os.close(self.master_fd)
+            self.master_fd = -1
+
+    def close(self) -> int | None:
+        """End the console: kill what is left of it (unless kill() did), close every
+        descriptor, reap the helper.
+
+        The wait for the helper is short once the shell is killed, but a shell
+        stuck in an uninterruptible sleep would hold it: an event loop calls
+        kill() first and close() only once WAITER_FD is readable.
+        """
+        if not self._killed:
+            self.kill()
+        self.close_master()
+        if self._waiter > 0:
+            _, status = os.waitpid(self._waiter, 0)
+            self._waiter = 0
+            self.status = (128 + os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                           else os.waitstatus_to_exitcode(status))
+        for attr in ("pidfd", "waiter_fd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+        return self.status
+
+
+def open_console(paths: Paths, name: str, *, user: str | None = None, cols: int = 80,
+                 rows: int = 24) -> Console:
+    """A login shell in running guest NAME on a COLS x ROWS terminal of the guest's own.
+
+    The terminal comes from the guest's devpts, never a host tty, as for
+    `vserver NAME enter`; the shell is the same one, with TERM set for a
+    browser terminal. Refused for a stopped guest and a private one.
+    """
+    st, s = _running_state(paths, name)
+    _refuse_private(name, s, "open a console in")
+    spec = spec_for(paths, name, s, Cgroup(st.cgroup))
+    spec = dataclasses.replace(spec, namespaces=st.namespaces)
+    req = context.EnterRequest(argv=_login_shell(paths.root(name)), user=user, pty=True,
+                               winsize=(rows, cols), env={"TERM": CONSOLE_TERM})
+    pidfd = syscalls.pidfd_open(st.init_pid)
+    try:
+        if procfs.start_time(st.init_pid) != st.init_start:
+            raise GuestError(f"{name} is not running")
+        term = context.open_terminal(pidfd, spec, req)
+    except context.LaunchError as e:
+        raise GuestError(f"{name}: {e}") from e
+    finally:
+        os.close(pidfd)
+    try:
+        return Console(name, st.cgroup, term)
+    except BaseException:  # no descriptor left for the helper's pidfd (EMFILE)
+        with contextlib.suppress(OSError):
+            syscalls.pidfd_send_signal(term.pidfd, signal.SIGKILL)
+        for fd in (term.master, term.pidfd):
+            os.close(fd)
+        os.waitpid(term.waiter, 0)
+        raise
 
 
 def service(paths: Paths, name: str, svc: str, action: str,

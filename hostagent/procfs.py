@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["start_time"]
+__all__ = ["session_id", "start_time"]
 
 
-def start_time(pid: int) -> int | None:
-    """Start time of PID in clock ticks since boot, or None if it is gone or a zombie.
-
-    (pid, start time) names a process for good: a pid can be reused, the pair
-    cannot, so records of running guests keep both.
-    """
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 (state) on, or None if PID is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -20,4 +16,20 @@ def start_time(pid: int) -> int | None:
     fields = data[data.rindex(b")") + 2:].split()
     if fields[0] in (b"Z", b"X"):
         return None
-    return int(fields[19])
+    return fields
+
+
+def start_time(pid: int) -> int | None:
+    """Start time of PID in clock ticks since boot, or None if it is gone or a zombie.
+
+    (pid, start time) names a process for good: a pid can be reused, the pair
+    cannot, so records of running guests keep both.
+    """
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def session_id(pid: int) -> int | None:
+    """PID's session id as our PID namespace numbers it, or None if it is gone or a zombie."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[3])

@@ -49,6 +49,13 @@ from hostagent.ulimit import UlimitError, parse_ulimit
 __all__ = [
     "API_VERSION",
     "BUILD_METHODS",
+    "CONSOLE_CLOSE_FELL_BEHIND",
+    "CONSOLE_CLOSE_TAKEN_OVER",
+    "CONSOLE_ENDINGS",
+    "CONSOLE_IDLE_MAX",
+    "CONSOLE_SIZE_MAX",
+    "EVENT_CONSOLE_CLOSED",
+    "EVENT_CONSOLE_OPENED",
     "EVENT_GUEST_ADOPTED",
     "EVENT_GUEST_BUILDING",
     "EVENT_GUEST_CREATED",
@@ -94,6 +101,11 @@ __all__ = [
     "BuildRequest",
     "Config",
     "ConfigPut",
+    "ConsoleError",
+    "ConsoleExit",
+    "ConsoleInfo",
+    "ConsoleRequest",
+    "ConsoleResize",
     "ErrorReply",
     "Event",
     "ExecRequest",
@@ -161,6 +173,9 @@ EVENT_GUEST_RESTARTING = "guest-restarting"
 EVENT_GUEST_DELETING = "guest-deleting"
 # An operation on the guest failed; metadata.state is the state it is left in.
 EVENT_GUEST_OPERATION_FAILED = "guest-operation-failed"
+# A console session in the guest began or ended; metadata.console is its id.
+EVENT_CONSOLE_OPENED = "console-opened"
+EVENT_CONSOLE_CLOSED = "console-closed"  # with metadata.code and metadata.reason
 LIFECYCLE_EVENTS: tuple[str, ...] = (
     EVENT_GUEST_BUILDING,
     EVENT_GUEST_STARTING,
@@ -178,6 +193,8 @@ LIFECYCLE_EVENTS: tuple[str, ...] = (
     EVENT_GUEST_REBOOT_REQUESTED,
     EVENT_GUEST_ADOPTED,
     EVENT_ONBOOT_FAILED,
+    EVENT_CONSOLE_OPENED,
+    EVENT_CONSOLE_CLOSED,
 )
 
 TYPE_LIFECYCLE = "lifecycle"  # action is one of LIFECYCLE_EVENTS
@@ -194,6 +211,18 @@ OP_SUCCESS = "success"
 OP_FAILURE = "failure"
 OP_CANCELLED = "cancelled"
 OP_STATES: tuple[str, ...] = (OP_PENDING, OP_RUNNING, OP_SUCCESS, OP_FAILURE, OP_CANCELLED)
+
+# --- Consoles ----------------------------------------------------------------------------------
+
+CONSOLE_SIZE_MAX = 1000  # columns or rows of a console's terminal
+# Seconds a console outlives its last client: the default and the most a request may ask.
+CONSOLE_IDLE_MAX = 300.0
+# Why a console ended (ConsoleExit.reason, console-closed's metadata.reason).
+CONSOLE_ENDINGS: tuple[str, ...] = ("exited", "closed", "idle", "guest-stopped", "agent-stopping")
+# Websocket close codes (the private range 4000-4999, RFC 6455 7.4.2) for a
+# client that loses its console's session while the session goes on.
+CONSOLE_CLOSE_TAKEN_OVER = 4001  # another client attached to the session
+CONSOLE_CLOSE_FELL_BEHIND = 4002  # it did not take the terminal's output: attach again
 
 # --- Request vocabularies --------------------------------------------------------------------
 
@@ -943,6 +972,62 @@ class TemplateCreate:
         return _to_json(self)
 
 
+@dataclass(frozen=True)
+class ConsoleRequest:
+    """POST /guests/NAME/console: open a login shell on a COLS x ROWS terminal.
+
+    cols, rows: 1 to CONSOLE_SIZE_MAX. user: as ExecRequest's (None: root).
+    idle: seconds the session outlives its last client, more than 0 and at
+    most CONSOLE_IDLE_MAX (None: CONSOLE_IDLE_MAX).
+    """
+
+    cols: int = 80
+    rows: int = 24
+    user: str | None = None
+    idle: float | None = None
+
+    @classmethod
+    def from_json(cls, obj: object, field: str = "") -> Self:
+        m = _Message(obj, cls, field)
+        idle, idle_field = m.opt("idle")
+        if idle is not None:
+            idle = _float(idle, idle_field, 0.0, CONSOLE_IDLE_MAX)
+            if idle <= 0:
+                raise WireError(idle_field, "must be more than 0 seconds")
+        return cls(
+            cols=_int(*m.opt("cols", 80), 1, CONSOLE_SIZE_MAX),
+            rows=_int(*m.opt("rows", 24), 1, CONSOLE_SIZE_MAX),
+            user=_user(*m.opt("user")),
+            idle=idle,
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return _to_json(self)
+
+
+@dataclass(frozen=True)
+class ConsoleResize:
+    """A text frame from the client of an attached console: the terminal's new size.
+
+    Binary frames are the terminal's bytes; text frames are JSON control
+    messages, of which this is the only kind a client sends.
+    """
+
+    cols: int
+    rows: int
+    type: str = "resize"
+
+    @classmethod
+    def from_json(cls, obj: object, field: str = "") -> Self:
+        m = _Message(obj, cls, field)
+        _choice(*m.req("type"), ("resize",))
+        return cls(cols=_int(*m.req("cols"), 1, CONSOLE_SIZE_MAX),
+                   rows=_int(*m.req("rows"), 1, CONSOLE_SIZE_MAX))
+
+    def to_json(self) -> dict[str, object]:
+        return _to_json(self)
+
+
 # --- Replies ---------------------------------------------------------------------------------
 
 
@@ -995,6 +1080,76 @@ class ExecResult:
             raise WireError(output_field, f"expected a string, not {_json_type(output)}")
         _utf8(output, output_field)
         return cls(exit_code=exit_code, output=output, truncated=_bool(*m.req("truncated")))
+
+    def to_json(self) -> dict[str, object]:
+        return _to_json(self)
+
+
+@dataclass(frozen=True)
+class ConsoleInfo:
+    """POST /guests/NAME/console (201), GET /consoles/ID, each item of GET /consoles.
+
+    attached: a client's websocket is attached now. created: a Unix time.
+    """
+
+    id: str
+    guest: str
+    created: float
+    attached: bool
+
+    @classmethod
+    def from_json(cls, obj: object, field: str = "") -> Self:
+        m = _Message(obj, cls, field)
+        return cls(
+            id=_pattern(*m.req("id"), _OP_ID_RE, "a console id"),
+            guest=_name(*m.req("guest")),
+            created=_float(*m.req("created"), 0.0),
+            attached=_bool(*m.req("attached")),
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return _to_json(self)
+
+
+@dataclass(frozen=True)
+class ConsoleExit:
+    """The last text frame of an attached console: its session ended, the socket closes next.
+
+    code: the shell's exit status (128 + N when signal N killed it, as when the
+    session was closed, timed out or its guest stopped), None if it could not
+    be learnt. reason: one of CONSOLE_ENDINGS.
+    """
+
+    code: int | None
+    reason: str
+    type: str = "exit"
+
+    @classmethod
+    def from_json(cls, obj: object, field: str = "") -> Self:
+        m = _Message(obj, cls, field)
+        _choice(*m.req("type"), ("exit",))
+        return cls(code=_opt_int(*m.req("code"), 0, 255),
+                   reason=_choice(*m.req("reason"), CONSOLE_ENDINGS))
+
+    def to_json(self) -> dict[str, object]:
+        return _to_json(self)
+
+
+@dataclass(frozen=True)
+class ConsoleError:
+    """A text frame to the client of an attached console: its last control message
+    was refused (what and which field, as ErrorReply says it). The session goes on."""
+
+    error: str
+    field: str | None = None
+    type: str = "error"
+
+    @classmethod
+    def from_json(cls, obj: object, field: str = "") -> Self:
+        m = _Message(obj, cls, field)
+        _choice(*m.req("type"), ("error",))
+        return cls(error=_str(*m.req("error"), max_len=_TEXT, allow="\t\n"),
+                   field=_opt_str(*m.opt("field"), max_len=_TEXT))
 
     def to_json(self) -> dict[str, object]:
         return _to_json(self)

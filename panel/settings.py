@@ -212,8 +212,12 @@ SPECTACULAR_SETTINGS = {
 
 # Channels: in memory unless REDIS_URL names a redis (then channels-redis).
 if os.environ.get("REDIS_URL"):
+    # redis-py's pool refuses its 101st connection outright (MaxConnectionsError), and
+    # channels-redis takes one per group_add/send in flight: 200 pages connecting at
+    # once passed that (bench/ws_fanout.py). The server allows 10,000 clients.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
-                                  "CONFIG": {"hosts": [os.environ["REDIS_URL"]]}}}
+                                  "CONFIG": {"hosts": [{"address": os.environ["REDIS_URL"],
+                                                        "max_connections": 1000}]}}}
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
@@ -250,6 +254,12 @@ _SQLITE = {
             "transaction_mode": "IMMEDIATE",
             "timeout": 20,
         },
+        # Kept open between uses: every websocket event a consumer checks runs a
+        # query through channels' database_sync_to_async, which would otherwise
+        # close the connection after each and open it again (five times the cost
+        # of the query itself: bench/ws_fanout.py).
+        "CONN_MAX_AGE": 600,
+        "CONN_HEALTH_CHECKS": True,
         # Tests: a file, not SQLite's in-memory database, whose shared cache
         # fails concurrent writers with "database table is locked" instead of
         # letting them wait (tests/panel/api/test_concurrency.py runs threads).

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Serve the panel in the foreground (Daphne, through `manage.py runserver`,
-# static files included) with the reconciler beside it in the background
-# (`manage.py reconcile --repair --watch`); Ctrl-C ends both, never the agent
-# or a guest. Used by `make run`, after migrate, the agent and seed_demo.
+# static files included) with the reconciler and the agent event bridge
+# beside it in the background (`manage.py reconcile --repair --watch` and
+# `manage.py agent_events`); Ctrl-C ends all three, never the agent or a
+# guest. Used by `make run`, after migrate, the agent and seed_demo.
+#
+# The bridge and the reconciler are processes of their own: their changes
+# reach the live pages through a channel layer they share with the panel, a
+# private redis (scripts/redis.sh, under VPANEL_VAR_DIR/redis) unless
+# REDIS_URL names one. Without redis the pages still show their changes
+# when next loaded.
 #
 #   PANEL_ADDR       where the panel listens (default 127.0.0.1:8000)
 #   RECONCILE_EVERY  seconds between the reconciler's passes (default 30)
-#   VPANEL_VAR_DIR   the panel's state directory (default var/): the
-#                    reconciler's log is reconciler.log there
+#   VPANEL_VAR_DIR   the panel's state directory (default var/): the logs
+#                    reconciler.log and agent-events.log are there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,17 +22,38 @@ addr=${PANEL_ADDR:-127.0.0.1:8000}
 every=${RECONCILE_EVERY:-30}
 var=${VPANEL_VAR_DIR:-var}
 log="$var/reconciler.log"
+bridge_log="$var/agent-events.log"
 mkdir -p "$var"
 
+redis_started=""
+if [ -z "${REDIS_URL:-}" ]; then
+  if url=$(VPANEL_REDIS_DIR="$(realpath "$var")/redis" scripts/redis.sh start); then
+    export REDIS_URL=$url
+    redis_started=1
+    echo "channel layer: redis at $url"
+  else
+    echo "channel layer: in memory (no redis): the bridge's and the reconciler's changes show when a page is loaded again" >&2
+  fi
+fi
+
 echo "--- $(date -Is) reconcile --repair --watch $every" >>"$log"
+echo "--- $(date -Is) agent_events" >>"$bridge_log"
 # A background job of a non-interactive shell ignores the terminal's Ctrl-C,
-# so the trap ends it when the panel ends.
+# so the trap ends them when the panel ends.
 .venv/bin/python manage.py reconcile --repair --watch "$every" >>"$log" 2>&1 </dev/null &
 reconciler=$!
-stop_reconciler() { kill "$reconciler" 2>/dev/null || true; }
-trap stop_reconciler EXIT
-trap 'stop_reconciler; exit 130' INT
-trap 'stop_reconciler; exit 143' TERM
+.venv/bin/python manage.py agent_events >>"$bridge_log" 2>&1 </dev/null &
+bridge=$!
+stop_background() {
+  kill "$reconciler" "$bridge" 2>/dev/null || true
+  if [ -n "$redis_started" ]; then
+    VPANEL_REDIS_DIR="$(realpath "$var")/redis" scripts/redis.sh stop || true
+  fi
+}
+trap stop_background EXIT
+trap 'stop_background; exit 130' INT
+trap 'stop_background; exit 143' TERM
 echo "reconciler: a pass every ${every} s (log: $log)"
+echo "agent event bridge: one stream per host (log: $bridge_log)"
 
 .venv/bin/python manage.py runserver --insecure --noreload "$addr"

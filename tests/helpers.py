@@ -73,12 +73,26 @@ class AgentProcess:
         log.close()
         if wait:
             deadline = time.monotonic() + 30
-            while not self.socket.exists():
+            # Until it accepts a connection: the socket file exists a moment
+            # before the agent listens on it.
+            while not self._answers():
                 if self.proc.poll() is not None:
                     raise AssertionError(f"the agent exited: {self.log.read_text()[-2000:]}")
                 assert time.monotonic() < deadline, self.log.read_text()[-2000:]
                 time.sleep(0.02)
         return self
+
+    def _answers(self) -> bool:
+        import socket
+
+        if not self.socket.exists():
+            return False
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     def client(self) -> object:
         from hostagent.client import AgentClient

@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 from django.conf import settings
 from django.db import close_old_connections
+from django.db.models import F
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from hostagent import wire
@@ -68,8 +70,11 @@ class _Run:
 
     def progress(self, percent: int, message: str) -> None:
         self.op.progress, self.op.message = percent, message[:500]
-        Operation.objects.filter(pk=self.op.pk).update(progress=percent, message=message[:500],
-                                                       updated=timezone.now())
+        # Never lower: the agent event bridge may have moved it on already, and a
+        # reinstall's build starts over at the create's first step.
+        Operation.objects.filter(pk=self.op.pk).update(
+            progress=Greatest(F("progress"), percent), message=message[:500],
+            updated=timezone.now())
         _event(self.vs.pk)
 
     def follow(self, agent_op: wire.Operation, percent: int, message: str) -> dict[str, Any]:
@@ -117,7 +122,7 @@ def run(op_id: int) -> None:
         if op.kind != OperationKindChoices.KIND_DELETE or VServer.objects.filter(
                 pk=vs.pk).exists():
             refresh_status(vs)
-        _event(vs.pk)
+        _event(vs.pk, vs.customer_id)  # the customer's: a deleted vserver's dashboard is told too
 
 
 def _public(result: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -127,10 +132,10 @@ def _public(result: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in result.items() if "password" not in k}
 
 
-def _event(vs_id: int) -> None:
+def _event(vs_id: int, customer_id: int | None = None) -> None:
     from panel.guests import events
 
-    events.vserver_changed(vs_id)
+    events.vserver_changed(vs_id, customer_id=customer_id)
 
 
 def refresh_status(vs: VServer, client: AgentClient | None = None) -> str:

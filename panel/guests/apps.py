@@ -5,3 +5,8 @@ class GuestsConfig(AppConfig):
     name = "panel.guests"
     label = "guests"
     verbose_name = "Guests"
+
+    def ready(self) -> None:
+        from panel.guests import signals
+
+        signals.connect()  # the live pages hear of logouts and access changes at once

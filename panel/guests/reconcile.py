@@ -65,6 +65,7 @@ __all__ = [
     "HostReport",
     "reconcile",
     "reconcile_host",
+    "refresh_host",
 ]
 
 # An operation not updated for this long is no longer under way: the agent
@@ -160,6 +161,8 @@ def _stale_ops(host: Host, report: HostReport, repair: bool) -> None:
                 error="abandoned: no progress for over "
                       f"{int(STALE_AFTER.total_seconds())} s (was the panel stopped?)")
             d.repair = "marked failed"
+            if op.vserver_id is not None:  # its page shows it under way until told
+                events.vserver_changed(op.vserver_id)
         report.drift.append(d)
 
 
@@ -181,6 +184,32 @@ def _unreachable(host: Host, vservers: list[VServer], report: HostReport, error:
     n = sum(_update_status(vs, VServerStatusChoices.STATUS_UNKNOWN, None, None, message)
             for vs in vservers)
     d.repair = f"{n} of its {len(vservers)} vservers newly marked unknown"
+
+
+def refresh_host(host: Host, client: AgentClient) -> int:
+    """Set HOST's vservers' status from what its agent says now; how many changed.
+
+    The status part of a repair, and nothing else (no start, no stale
+    operation): the agent event bridge (panel/guests/bridge.py) runs it each
+    time its stream opens, so that what happened while it was not listening
+    is not missed. As in a pass, a vserver with an operation under way is left
+    to it, and one the host lacks becomes 'error'.
+    """
+    guests = {g.name: g for g in client.guests()}
+    vservers = list(VServer.objects.filter(host=host))
+    busy = _in_flight([vs.pk for vs in vservers])
+    changed = 0
+    for vs in vservers:
+        if vs.pk in busy:
+            continue
+        info = guests.get(vs.name)
+        if info is None:
+            changed += _update_status(vs, VServerStatusChoices.STATUS_ERROR, None, None,
+                                      "the host has no such vserver")
+        else:
+            changed += _update_status(vs, info.state, info.context, info.init_pid, "")
+    Host.objects.filter(pk=host.pk).update(last_seen=_now(), last_error="")
+    return changed
 
 
 def reconcile_host(host: Host, *, repair: bool = False,

@@ -15,6 +15,7 @@ urlpatterns = [
     path("vservers/", views.vserver_list, name="vserver_list"),
     path("vservers/new/", views.vserver_create, name="vserver_create"),
     path("vservers/<int:pk>/", views.vserver_detail, name="vserver_detail"),
+    path("vservers/<int:pk>/console/", views.vserver_console, name="vserver_console"),
     path("vservers/<int:pk>/start/", views.vserver_start, name="vserver_start"),
     path("vservers/<int:pk>/stop/", views.vserver_stop, name="vserver_stop"),
     path("vservers/<int:pk>/restart/", views.vserver_restart, name="vserver_restart"),

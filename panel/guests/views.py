@@ -27,6 +27,7 @@ from django.views.decorators.http import require_POST
 from panel.guests import actions
 from panel.guests.availability import vserver_actions
 from panel.guests.choices import OperationStateChoices
+from panel.guests.console import console_availability
 from panel.guests.forms import (
     ConfirmForm,
     HostnameForm,
@@ -46,6 +47,7 @@ __all__ = [
     "dashboard",
     "staff_vserver_list",
     "usage_bars",
+    "vserver_console",
     "vserver_create",
     "vserver_delete",
     "vserver_detail",
@@ -234,6 +236,7 @@ def _detail(request: HttpRequest, vs: VServer, *, bound: dict[str, forms.Form] |
         "vs": vs, "ips": vs.ips.select_related("pool"), "limits": vs.customer.limits(),
         "headroom": _headroom(vs), "can": vserver_actions(vs, request.user),
         "role": actions.role(request.user, vs.customer), "forms": forms_,
+        "console": console_availability(vs, request.user),
         "ssh_keys": vs.ssh_keys.all(), "operations": operations, "audit": audit,
         "auto_refresh": vs.busy or any(not op.done for op in operations),
     }, status=status)
@@ -242,6 +245,14 @@ def _detail(request: HttpRequest, vs: VServer, *, bound: dict[str, forms.Form] |
 @login_required
 def vserver_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return _detail(request, _visible(request, pk))
+
+
+@login_required
+def vserver_console(request: HttpRequest, pk: int) -> HttpResponse:
+    """A terminal on a shell inside the vserver; panel/guests/console.py checks and relays."""
+    vs = _visible(request, pk)
+    return render(request, "guests/vserver_console.html",
+                  {"vs": vs, "console": console_availability(vs, request.user)})
 
 
 def _act(request: HttpRequest, pk: int, *, form_key: str | None,

@@ -1,0 +1,202 @@
+"""Process lists for the vserver pages: one agent stream per watched vserver, per process.
+
+A vserver page asks for its process list (`{"type": "watch-processes"}` on
+its websocket). However many pages watch one vserver, this process keeps ONE
+stream open to that vserver's agent
+(`GET /1.0/events?type=lifecycle&guest=NAME&processes=NAME&interval=2`; the
+agent samples the guest every INTERVAL seconds while someone listens) and
+sends each list to the group `procs-ID`, which the watching consumers have
+joined. The first watcher opens the stream, the last one to leave closes it:
+nothing is asked of the agent while nobody watches.
+
+(`type=lifecycle&guest=NAME` rather than no type at all: the agent refuses
+an empty `type`, and the few lifecycle events of the guest itself cost
+nothing; they are not forwarded.)
+
+The counts live in this process, in its event loop, so with several panel
+processes each opens its own stream for the vservers its own pages watch;
+every message says which process sent it (`source`), and a consumer takes
+only its own process's rows, as the group spans processes with channels-redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import ssl
+import uuid
+from typing import Any
+
+import httpx
+from channels.layers import get_channel_layer
+
+from hostagent import wire
+from hostagent.client import AgentError
+
+__all__ = ["INTERVAL", "MAX_ROWS", "WATCHER", "ProcessWatcher", "group"]
+
+_LOG = logging.getLogger(__name__)
+
+INTERVAL = 2.0  # seconds between two samples of a guest's processes
+MAX_ROWS = 200  # rows sent to the pages, the busiest first; `total` says how many there are
+BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context for every stream. A Unix socket never uses it, but httpx makes
+    one per transport otherwise, reading the system's CA bundle each time (0.1 s)."""
+    return ssl.create_default_context()
+
+
+def group(vs_id: int) -> str:
+    return f"procs-{vs_id}"
+
+
+def _rows(event: wire.Event) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
+    """The rows to show (the busiest MAX_ROWS), how many there are, and their sums."""
+    raw = event.metadata.get("processes") or []
+    rows = [wire.ProcessRow.from_json(r, f"processes.{i}")
+            for i, r in enumerate(raw if isinstance(raw, list) else [])]
+    rows.sort(key=lambda r: (-r.cpu, -r.mem, r.pid))
+    usage = {"processes": len(rows), "cpu": round(sum(r.cpu for r in rows), 1),
+             "mem": round(sum(r.mem for r in rows), 1), "rss": sum(r.rss for r in rows)}
+    # The guest's own pid (what `ps` inside it says); the host's pids stay on the host.
+    shown = [{"pid": r.guest_pid, "user": r.user, "cpu": r.cpu, "mem": r.mem, "rss": r.rss,
+              "command": r.command} for r in rows[:MAX_ROWS]]
+    return shown, len(rows), usage
+
+
+class ProcessWatcher:
+    """Reference-counted agent streams of process lists, one per watched vserver."""
+
+    def __init__(self, interval: float = INTERVAL) -> None:
+        self.interval = interval
+        self.token = uuid.uuid4().hex  # this process's name on its messages
+        self._counts: dict[int, int] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._open: set[int] = set()  # vservers whose stream is open right now
+        self._last: dict[int, dict[str, Any]] = {}
+        self.opened = 0  # streams opened since this process started (tests, bench)
+
+    # --- what the consumers call (in the event loop) ---
+
+    async def watch(self, vs_id: int, socket: str, name: str) -> dict[str, Any] | None:
+        """One more page watches VS_ID (NAME on the agent at SOCKET).
+
+        Returns the last list seen, to show at once (None before the first).
+        """
+        self._counts[vs_id] = self._counts.get(vs_id, 0) + 1
+        task = self._tasks.get(vs_id)
+        loop = asyncio.get_running_loop()
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._tasks[vs_id] = loop.create_task(self._stream(vs_id, socket, name),
+                                                  name=f"processes-{vs_id}")
+        return self._last.get(vs_id)
+
+    async def unwatch(self, vs_id: int) -> None:
+        """One page fewer; the last one's leaving closes the stream."""
+        left = self._counts.get(vs_id, 0) - 1
+        if left > 0:
+            self._counts[vs_id] = left
+            return
+        self._counts.pop(vs_id, None)
+        self._last.pop(vs_id, None)
+        task = self._tasks.pop(vs_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            if task.get_loop() is asyncio.get_running_loop():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # --- what tests and the benchmark look at ---
+
+    def watchers(self, vs_id: int) -> int:
+        return self._counts.get(vs_id, 0)
+
+    def streams(self) -> int:
+        """Agent streams open now (connected, not waiting to retry)."""
+        return len(self._open)
+
+    def tasks(self) -> int:
+        """Vservers with a stream, open or being (re)opened."""
+        return sum(1 for t in self._tasks.values() if not t.done())
+
+    def reset(self) -> None:
+        """Forget everything (tests: each runs its own event loop)."""
+        for task in self._tasks.values():
+            if not task.done():
+                task.get_loop().call_soon_threadsafe(task.cancel)
+        self._counts.clear()
+        self._tasks.clear()
+        self._open.clear()
+        self._last.clear()
+        self.opened = 0
+
+    # --- the stream ---
+
+    def _message(self, vs_id: int, event: wire.Event) -> dict[str, Any]:
+        rows, total, usage = _rows(event)
+        return {"type": "processes.rows", "vserver": vs_id, "source": self.token,
+                "eid": uuid.uuid4().hex, "running": bool(event.metadata.get("running")),
+                "rows": rows, "total": total, "usage": usage, "error": None,
+                "ts": event.timestamp}
+
+    async def _stream(self, vs_id: int, socket: str, name: str) -> None:
+        layer = get_channel_layer()
+        params = {"type": wire.TYPE_LIFECYCLE, "guest": name, "processes": name,
+                  "interval": str(self.interval)}
+        delay = BACKOFF_MIN
+        while self._counts.get(vs_id):
+            error = "the agent ended the stream"
+            try:
+                async with httpx.AsyncClient(
+                        transport=httpx.AsyncHTTPTransport(uds=socket, verify=_tls()),
+                        base_url="http://agent",
+                        timeout=httpx.Timeout(10.0, read=None)) as http, \
+                        http.stream("GET", f"/{wire.API_VERSION}/events",
+                                    params=params) as resp:
+                    if resp.status_code >= 400:
+                        await resp.aread()
+                        raise AgentError(resp.status_code, resp.text[:200])
+                    self._open.add(vs_id)
+                    self.opened += 1
+                    delay = BACKOFF_MIN
+                    async for line in resp.aiter_lines():
+                        if not line:
+                            continue
+                        event = wire.Event.from_json(json.loads(line))
+                        if event.type == wire.TYPE_DROPPED:
+                            error = "the agent dropped the stream"
+                            break
+                        if event.type != wire.TYPE_PROCESSES:
+                            continue
+                        message = self._message(vs_id, event)
+                        self._last[vs_id] = message
+                        if layer is not None:
+                            await layer.group_send(group(vs_id), message)
+            except asyncio.CancelledError:
+                raise
+            except (AgentError, OSError, ValueError, httpx.HTTPError) as e:
+                error = f"the host's agent does not answer: {e or type(e).__name__}"
+            finally:
+                self._open.discard(vs_id)
+            if not self._counts.get(vs_id):
+                return
+            _LOG.info("process list of vserver %s: %s; again in %g s", vs_id, error, delay)
+            message = {"type": "processes.rows", "vserver": vs_id, "source": self.token,
+                       "eid": uuid.uuid4().hex, "running": None, "rows": [], "total": 0,
+                       "usage": None, "error": error, "ts": None}
+            self._last[vs_id] = message
+            if layer is not None:
+                with contextlib.suppress(Exception):
+                    await layer.group_send(group(vs_id), message)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+
+# The one watcher of this process (Daphne's): consumers share it.
+WATCHER = ProcessWatcher()
