@@ -8,9 +8,9 @@ it starts (unless told --no-onboot, as that unit's agent is).
 
 Order is PRIORITY (NAME.conf, default 100), then the name: lower PRIORITY
 first at start, higher first at stop, so a database at PRIORITY 10 is up
-before the web guests at 100 that need it and goes down after them. Guests of
-equal PRIORITY start (or stop) in parallel, a few at a time, and a PRIORITY
-group is finished, every guest up or given up on, before the next begins.
+before the web guests at 100 that need it and goes down after them. Guests
+start (or stop) one after the other, so a PRIORITY group is finished, every
+guest up or given up on, before the next begins.
 
 A start that fails is tried again, with a growing pause: boot is when a
 network, a mount or a service a NAME.sh hook waits for is most often late.
@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from itertools import groupby
 
@@ -34,7 +33,6 @@ from hostagent import guest
 from hostagent.paths import Paths
 
 __all__ = [
-    "MAX_PARALLEL",
     "Outcome",
     "Report",
     "onboot_guests",
@@ -50,7 +48,6 @@ log = logging.getLogger(__name__)
 # skips glibc's fork handlers, so a libc lock another worker holds in C at that
 # instant stays held in the child. Few workers keep that chance small, and a
 # group of one runs in the calling thread with no worker at all.
-MAX_PARALLEL = 4
 
 
 @dataclass(frozen=True)
@@ -137,23 +134,20 @@ def _emit(verb: str, o: Outcome, report: Report | None) -> None:
 
 def _run_groups(verb: str, groups: Sequence[Sequence[str]], work: Callable[[str], Outcome],
                 report: Report | None) -> list[Outcome]:
-    """WORK on each name, a group at a time; outcomes in group and name order."""
+    """WORK on each name, a group at a time; outcomes in group and name order.
+
+    One guest after the other, never from threads of this process: a guest's
+    PID 1 is forked with a raw clone3, which runs none of glibc's fork
+    handlers, so a lock another thread holds at that moment (malloc's) stays
+    held in the child, which then hangs before it becomes the guest (seen in
+    a CI run). Starting guests in parallel needs a fork server first.
+    """
     out: list[Outcome] = []
     for group in groups:
-        if len(group) == 1:
-            o = work(group[0])
+        for name in group:
+            o = work(name)
             _emit(verb, o, report)
             out.append(o)
-            continue
-        done: dict[str, Outcome] = {}
-        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(group)),
-                                thread_name_prefix=f"vservers-{verb}") as pool:
-            futures = {pool.submit(work, name): name for name in group}
-            for f in as_completed(futures):
-                o = f.result()
-                _emit(verb, o, report)
-                done[o.name] = o
-        out.extend(done[name] for name in group)
     return out
 
 

@@ -13,7 +13,7 @@
 
     -v, --verbose   also print what the guests' runlevel scripts say, and each retry
 
-Vservers of equal PRIORITY start and stop in parallel. Exit status 1 if any
+Vservers start and stop one after the other. Exit status 1 if any
 vserver failed (a line each on stderr), else 0. The directories come from
 VSERVER_CONFDIR, VSERVER_ROOTDIR and VSERVER_RUNDIR (docs/operations.md).
 """
