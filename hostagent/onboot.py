@@ -42,13 +42,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Guests of one PRIORITY group started or stopped at the same time. Each
-# guest.start() forks the guest's PID 1 (clone3, syscalls.fork_into) from its
-# worker thread while the others wait outside the interpreter; a raw clone3
-# skips glibc's fork handlers, so a libc lock another worker holds in C at that
-# instant stays held in the child. Few workers keep that chance small, and a
-# group of one runs in the calling thread with no worker at all.
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -136,11 +129,8 @@ def _run_groups(verb: str, groups: Sequence[Sequence[str]], work: Callable[[str]
                 report: Report | None) -> list[Outcome]:
     """WORK on each name, a group at a time; outcomes in group and name order.
 
-    One guest after the other, never from threads of this process: a guest's
-    PID 1 is forked with a raw clone3, which runs none of glibc's fork
-    handlers, so a lock another thread holds at that moment (malloc's) stays
-    held in the child, which then hangs before it becomes the guest (seen in
-    a CI run). Starting guests in parallel needs a fork server first.
+    One guest after the other: a group's order in the log is its order on
+    the host, and a hook that waits for an earlier guest finds it up.
     """
     out: list[Outcome] = []
     for group in groups:

@@ -30,6 +30,8 @@ import errno as _errno
 import os
 import platform
 import signal
+import struct
+import threading
 from typing import Any
 
 from cffi import FFI
@@ -73,6 +75,7 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 CLONE_PIDFD = 0x00001000
+CLONE_PARENT = 0x00008000
 CLONE_INTO_CGROUP = 0x200000000
 ALL_NAMESPACES = (
     CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
@@ -397,8 +400,25 @@ def fork_into(flags: int = 0, cgroup_fd: int | None = None) -> int:
     (glibc's own fork() refreshes it; a raw clone cannot), so the child must
     not call raise(3) or pthread_kill(3); Python code does not, and every
     caller here execs or exits soon after.
+
+    A raw clone3 also skips glibc's own fork handlers, which take malloc's and
+    stdio's locks so that no other thread holds one at the moment of the copy.
+    In a process with other threads (the agent's workers) one of them may hold
+    such a lock just then, and the child would wait on it forever. There the
+    clone goes through a single-threaded intermediate made by os.fork() (which
+    runs those handlers); its clone3 uses CLONE_PARENT, so the child is still
+    ours to wait for, and the intermediate exits at once.
     """
-    args = _CloneArgs(flags=flags, exit_signal=signal.SIGCHLD)
+    if threading.active_count() > 1:
+        return _fork_into_via_intermediate(flags, cgroup_fd)
+    return _clone3(flags, cgroup_fd)
+
+
+def _clone3(flags: int, cgroup_fd: int | None) -> int:
+    # With CLONE_PARENT the kernel takes the exit signal from the caller (our
+    # intermediate, itself a fork: SIGCHLD) and refuses one given here.
+    exit_signal = 0 if flags & CLONE_PARENT else signal.SIGCHLD
+    args = _CloneArgs(flags=flags, exit_signal=exit_signal)
     if cgroup_fd is not None:
         args.flags |= CLONE_INTO_CGROUP
         args.cgroup = cgroup_fd
@@ -409,6 +429,49 @@ def fork_into(flags: int = 0, cgroup_fd: int | None = None) -> int:
         return 0
     err = ctypes.get_errno()
     _pyapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone3: {os.strerror(err)}")
+    return int(pid)
+
+
+_REPORT = struct.Struct("=qi")  # the child's pid, or -1 and the errno
+
+
+def _fork_into_via_intermediate(flags: int, cgroup_fd: int | None) -> int:
+    """fork_into from a threaded process: see fork_into."""
+    rd, wr = os.pipe2(os.O_CLOEXEC)
+    try:
+        mid = os.fork()
+    except BaseException:
+        os.close(rd)
+        os.close(wr)
+        raise
+    if mid == 0:
+        # The intermediate: the only thread of its process. It never returns
+        # into the caller's code; only the child it clones does.
+        pid = -1
+        try:
+            os.close(rd)
+            pid = _clone3(flags | CLONE_PARENT, cgroup_fd)
+            if pid != 0:
+                os.write(wr, _REPORT.pack(pid, 0))
+        except OSError as e:
+            os.write(wr, _REPORT.pack(-1, e.errno or _errno.EIO))
+        except BaseException:  # noqa: S110 - the caller reads a short report: "died"
+            pass
+        if pid == 0:
+            os.close(wr)
+            return 0
+        os._exit(0)
+    os.close(wr)
+    try:
+        with os.fdopen(rd, "rb", closefd=True) as f:
+            report = f.read(_REPORT.size)
+    finally:
+        os.waitpid(mid, 0)
+    if len(report) != _REPORT.size:
+        raise OSError(_errno.EIO, "clone3: the intermediate process died")
+    pid, err = _REPORT.unpack(report)
     if pid < 0:
         raise OSError(err, f"clone3: {os.strerror(err)}")
     return int(pid)

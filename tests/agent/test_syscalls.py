@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import resource
 import signal
+import subprocess
+import threading
+import time
+import zlib
 from collections.abc import Callable
 
 import pytest
@@ -119,6 +124,52 @@ def test_fork_into_new_pid_namespace_makes_pid_1(root_required: None) -> None:
         os._exit(0 if os.getpid() == 1 else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _busy_elsewhere(stop: threading.Event) -> None:
+    """What the agent's other threads do meanwhile: hooks and compression,
+    which fork, allocate and take libc locks with the GIL released."""
+    data = os.urandom(1 << 20)
+    while not stop.is_set():
+        subprocess.run(["true"], check=True)
+        zlib.compress(data, 1)
+
+
+def test_fork_into_from_a_threaded_process_never_leaves_the_child_stuck(
+        root_required: None) -> None:
+    # A raw clone3 from one thread while another holds a libc lock used to
+    # leave the child waiting on that lock forever; fork_into now clones from
+    # a single-threaded intermediate there. Each child must run to its exit
+    # and still be ours to reap.
+    stop = threading.Event()
+    busy = [threading.Thread(target=_busy_elsewhere, args=(stop,)) for _ in range(2)]
+    for t in busy:
+        t.start()
+
+    def one(_: int) -> int:
+        pid = syscalls.fork_into(syscalls.CLONE_NEWPID | syscalls.CLONE_NEWUTS)
+        if pid == 0:
+            zlib.compress(b"x" * 100_000)  # allocate in the child
+            os._exit(0 if os.getpid() == 1 else 1)
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return -1
+            time.sleep(0.002)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            codes = list(pool.map(one, range(200)))
+    finally:
+        stop.set()
+        for t in busy:
+            t.join()
+    assert codes == [0] * 200
 
 
 def test_seccomp_filter_refuses_keyctl_and_bpf_with_eperm(root_required: None) -> None:
