@@ -77,6 +77,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--guests", type=int, default=100)
     args = ap.parse_args()
+    if args.guests < 1:
+        ap.error("--guests must be at least 1")
     n = args.guests
     unshare = shutil.which("unshare")
     if os.geteuid() != 0 or unshare is None:

@@ -83,6 +83,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--guests", type=int, default=50)
     args = ap.parse_args()
+    if args.guests < 1:
+        ap.error("--guests must be at least 1")
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("busybox"):
         print("bench/net_setup.py: needs root, ip(8) and busybox", file=sys.stderr)
         return 2

@@ -38,6 +38,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=50)
     args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
     if os.geteuid() != 0:
         print("bench/start_stop.py: run as root", file=sys.stderr)
         return 2

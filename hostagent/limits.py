@@ -194,12 +194,23 @@ class GuestCgroups:
 
     def _memory(self, lim: Limits) -> list[Applied]:
         out: list[Applied] = []
+        cg = self.groups.get("memory")
+        memsw: Applied | None = None
+        if (lim.memory is not None and lim.swap is not None and cg is not None
+                and cg.hierarchy.version == 1
+                and lim.memory > _read_int(cg.path / "memory.memsw.limit_in_bytes")):
+            # v1 refuses (EINVAL) a memory.limit_in_bytes above the current
+            # memory.memsw.limit_in_bytes: a raised MEMORY_LIMIT needs memsw
+            # raised first (mm/memcontrol-v1.c, mem_cgroup_resize_max).
+            memsw = self._write("SWAP_LIMIT", str(lim.swap), "memory", "",
+                                "memory.memsw.limit_in_bytes", str(lim.memory + lim.swap))
         if lim.memory is not None:
             out.append(self._write("MEMORY_LIMIT", str(lim.memory), "memory", "memory.max",
                                    "memory.limit_in_bytes", str(lim.memory)))
         if lim.swap is not None:
-            cg = self.groups.get("memory")
-            if cg is not None and cg.hierarchy.version == 1:
+            if memsw is not None:
+                out.append(memsw)
+            elif cg is not None and cg.hierarchy.version == 1:
                 if lim.memory is None:
                     out.append(Applied("SWAP_LIMIT", str(lim.swap), False,
                                        "cgroup v1 limits swap together with memory: "
@@ -249,7 +260,9 @@ class GuestCgroups:
             path.write_text(value)
             back = path.read_text().strip()
         except OSError as e:
-            if e.errno == errno.ENOENT:
+            # cgroupfs answers EACCES, not ENOENT, for a file it does not have
+            # (blkio.weight without BFQ): creating files there is refused.
+            if e.errno == errno.ENOENT or not path.exists():
                 return Applied(key, wanted, False, f"{path} does not exist on this kernel")
             return Applied(key, wanted, False, f"writing {path}: {e.strerror}")
         if value in ("-1", "max") and back not in ("max", "-1"):
@@ -270,12 +283,26 @@ class GuestCgroups:
             "IO_WEIGHT": ("io", "io.weight", "blkio.weight", "default 100", "500"),
         }
         controller, v2file, v1file, v2value, v1value = table[key]
-        if controller not in self.groups:
-            return Applied(key, "", True, "nothing to lift")
+        cg = self.groups.get(controller)
+        if cg is None:
+            # The key just emptied may have been the last reason for this
+            # controller (CPU_MAX alone): the guest is still in the cgroup the
+            # limit was written to, and that value holds until it is lifted.
+            h = self.where.get(controller)
+            if h is None or not Cgroup(self.relpath, h).exists():
+                return Applied(key, "", True, "nothing to lift")
+            cg = self.groups[controller] = Cgroup(self.relpath, h)
+        if key == "MEMORY_LIMIT" and cg.hierarchy.version == 1:
+            # memory.limit_in_bytes may not exceed memory.memsw.limit_in_bytes
+            # (EINVAL), and v1 holds no swap limit without a memory limit: lift
+            # memory + swap first. No memsw file (swap accounting off): nothing to lift.
+            with contextlib.suppress(OSError):
+                (cg.path / "memory.memsw.limit_in_bytes").write_text("-1")
         applied = self._write(key, "", controller, v2file, v1file, v2value, v1value)
-        if not applied.enforced and v2value.startswith(("max", "default")):
-            # The kernel reads "max" back as "max" but a v1 -1 as a huge number.
-            return Applied(key, "", True, applied.how)
+        path = cg.path / (v2file if cg.hierarchy.version == 2 else v1file)
+        if not applied.enforced and not path.exists():
+            # A file this kernel lacks never held a limit (blkio.weight without BFQ).
+            return Applied(key, "", True, f"{path} does not exist: no limit to lift")
         return applied
 
     def adopt(self, pids: list[int]) -> None:
@@ -296,6 +323,14 @@ class GuestCgroups:
                 cg.kill()
                 cg.wait_empty(5)
                 cg.remove()
+
+
+def _read_int(path: Path) -> int:
+    """An integer cgroup file, or the largest value when it cannot be read."""
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return 1 << 63
 
 
 def _same(back: str, value: str) -> bool:

@@ -7,9 +7,10 @@ unable to mean anything to a shell or a path walker.
 
 from __future__ import annotations
 
+import argparse
 import re
 
-__all__ = ["NAME_RE", "InvalidName", "check_name"]
+__all__ = ["NAME_RE", "InvalidName", "check_name", "guest_name_arg"]
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}\Z")
 
@@ -29,3 +30,11 @@ def check_name(name: object) -> str:
             "first, then lower-case letters, digits and '-'"
         )
     return name
+
+
+def guest_name_arg(text: str) -> str:
+    """check_name as an argparse type=: a bad name is a usage error that says why."""
+    try:
+        return check_name(text)
+    except InvalidName as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

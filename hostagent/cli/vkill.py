@@ -26,6 +26,7 @@ from typing import NoReturn
 from hostagent import conf as confmod
 from hostagent import syscalls, views
 from hostagent.cgroup import Cgroup, CgroupError, cgroup_of
+from hostagent.names import guest_name_arg
 from hostagent.paths import Paths
 from hostagent.views import Context, ContextMap
 
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vkill", description=__doc__.split("\n\n")[0])
     who = p.add_mutually_exclusive_group()
     who.add_argument("--ctx", type=int, metavar="N", help="PIDs are pids inside context N")
-    who.add_argument("--guest", metavar="NAME", help="PIDs are pids inside vserver NAME")
+    who.add_argument("--guest", metavar="NAME", type=guest_name_arg,
+                     help="PIDs are pids inside vserver NAME")
     p.add_argument("-s", "--signal", default="TERM", metavar="SIG", help="default TERM")
     p.add_argument("pids", nargs="+", metavar="PID")
     return p

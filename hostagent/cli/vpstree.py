@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from hostagent.cgroup import CgroupError
+from hostagent.names import guest_name_arg
 from hostagent.paths import Paths
 from hostagent.views import (
     Context,
@@ -33,7 +34,8 @@ from hostagent.views import (
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vpstree", description=__doc__.split("\n\n")[0])
     p.add_argument("-a", "--arguments", action="store_true", help="show command lines")
-    p.add_argument("--guest", metavar="NAME", help="only this vserver's processes")
+    p.add_argument("--guest", metavar="NAME", type=guest_name_arg,
+                   help="only this vserver's processes")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("pid", nargs="?", type=int, help="root of the tree (a host pid)")
     return p

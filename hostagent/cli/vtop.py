@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hostagent.cgroup import CgroupError
+from hostagent.names import guest_name_arg
 from hostagent.paths import Paths
 from hostagent.views import (
     ContextMap,
@@ -107,7 +108,8 @@ class Sampler:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vtop", description=__doc__.split("\n\n")[0])
     p.add_argument("-d", "--delay", type=float, help="seconds between looks")
-    p.add_argument("--guest", metavar="NAME", help="only this vserver's processes")
+    p.add_argument("--guest", metavar="NAME", type=guest_name_arg,
+                   help="only this vserver's processes")
     p.add_argument("--once", action="store_true", help="print one snapshot, no terminal UI")
     p.add_argument("--json", action="store_true", help="with --once: print JSON")
     p.add_argument("-n", "--lines", type=int, help="with --once: at most N processes")
