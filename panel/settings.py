@@ -136,6 +136,7 @@ INSTALLED_APPS = [
     "channels",
     "panel.hosting",
     "panel.guests",
+    "panel.classroom",
 ]
 
 MIDDLEWARE = [
@@ -278,6 +279,13 @@ else:
     DATABASES = _SQLITE
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# The default first (every password people choose); the second only for
+# passwords the panel generates (panel/classroom/hashers.py says why).
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    "panel.classroom.hashers.GeneratedPasswordHasher",
+]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

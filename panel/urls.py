@@ -14,6 +14,7 @@ urlpatterns = [
     # panel/guests/urls.py: dashboard, vserver pages).
     path("", include("panel.hosting.urls")),
     path("", include("panel.guests.urls")),
+    path("", include("panel.classroom.urls")),
     # The REST API (panel/*/api/urls.py) and its OpenAPI schema.
     path("api/v1/", include("panel.hosting.api.urls")),
     path("api/v1/", include("panel.guests.api.urls")),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
@@ -35,15 +35,27 @@ SEED_TOOLS: tuple[SeedTool, ...] = (
 )
 
 
-def vpanel_context(request: HttpRequest) -> dict[str, str]:
-    """Template context processor: what every page's layout needs."""
-    return {"vpanel_version": settings.VPANEL_VERSION}
+def vpanel_context(request: HttpRequest) -> dict[str, Any]:
+    """Template context processor: what every page's layout needs (its menu
+    names a student's own server, or the classes a teacher or TA takes)."""
+    from panel.hosting.choices import RoleChoices
+
+    user = getattr(request, "user", None)
+    is_student = teaches = False
+    if user is not None and user.is_authenticated:
+        roles = set(user.memberships.values_list("role", flat=True))
+        is_student = RoleChoices.ROLE_STUDENT in roles
+        teaches = user.is_staff or bool(roles & {RoleChoices.ROLE_TEACHER, RoleChoices.ROLE_TA})
+    return {"vpanel_version": settings.VPANEL_VERSION, "menu_student": is_student,
+            "menu_classes": teaches}
 
 
 @require_safe
 def home(request: HttpRequest) -> HttpResponse:
     """What vpanel is, for visitors; a logged-in user's home is their dashboard."""
     if request.user.is_authenticated:
+        if hasattr(request.user, "seat"):
+            return redirect("student_home")  # a student's home is their own server
         return redirect("dashboard")
     return render(request, "home.html", {"seed_tools": SEED_TOOLS})
 

@@ -28,7 +28,13 @@ from panel.guests.choices import (
     VServerStatusChoices,
 )
 from panel.guests.models import Operation, SSHKey, VServer
-from panel.hosting.choices import AuditResultChoices, HostStateChoices, RoleChoices
+from panel.hosting.choices import (
+    MANAGING_ROLES,
+    SCOPED_ROLES,
+    AuditResultChoices,
+    HostStateChoices,
+    RoleChoices,
+)
 from panel.hosting.models import AuditLog, Customer, Host, IPAddress, IPPool, PoolExhausted
 
 __all__ = [
@@ -47,6 +53,7 @@ __all__ = [
     "start_vserver",
     "stop_vserver",
     "system_start",
+    "system_stop",
 ]
 
 
@@ -118,10 +125,14 @@ def role(user: Any, customer: Customer) -> str | None:
 def _require(actor: Actor, customer: Customer, managing: bool, action: str,
              target: Any = None) -> None:
     r = role(actor.user, customer)
-    allowed = r is not None and (not managing or r in (RoleChoices.ROLE_OWNER,
-                                                        RoleChoices.ROLE_ADMIN))
+    allowed = r is not None and (not managing or r in MANAGING_ROLES)
     if not allowed:
         raise Denied(f"your role ({r or 'none'}) may not {action.replace('-', ' ')}",
+                     audit=(actor, customer, target, action))
+    if r in SCOPED_ROLES and (not isinstance(target, VServer) or not VServer.objects.visible_to(
+            actor.user).filter(pk=target.pk).exists()):
+        # A student acts on their own server only, a TA on their groups' servers.
+        raise Denied(f"your role ({r}) may not {action.replace('-', ' ')} on this vserver",
                      audit=(actor, customer, target, action))
 
 
@@ -278,7 +289,10 @@ def create_vserver(customer: Customer, *, actor: Actor, name: str, hostname: str
                    disk_gb: int = 1, ipv4: int = 1, ipv6: int = 0,
                    capabilities: list[str] | None = None, flags: list[str] | None = None,
                    nice: int | None = None, onboot: bool = True,
-                   description: str = "") -> tuple[VServer, Operation]:
+                   description: str = "", root_password_hash: str = "",
+                   ssh_keys: tuple[tuple[str, str], ...] = ()) -> tuple[VServer, Operation]:
+    """ROOT_PASSWORD_HASH (crypt) and SSH_KEYS ((name, key) pairs) are put in
+    once the new vserver runs; the hash is dropped from the operation then."""
     _require(actor, customer, True, "create-vserver")
     cpu = Decimal(str(cpu_cores))
     customer = Customer.objects.select_for_update().get(pk=customer.pk)
@@ -297,10 +311,15 @@ def create_vserver(customer: Customer, *, actor: Actor, name: str, hostname: str
                  desired_state=DesiredStateChoices.DESIRED_RUNNING)
     vs.full_clean()
     vs.save()
+    for key_name, key in ssh_keys:
+        k = SSHKey(vserver=vs, name=key_name, key=key.strip())
+        k.full_clean()
+        k.save()
     ips = _allocate(vs, 4, ipv4) + _allocate(vs, 6, ipv6)
     audit(actor, customer, vs, "create-vserver", host=host.name, template=template,
           ips=[a.address for a in ips])
-    op = _operation(vs, OperationKindChoices.KIND_CREATE, actor)
+    extra = {"password_hash": root_password_hash} if root_password_hash else {}
+    op = _operation(vs, OperationKindChoices.KIND_CREATE, actor, **extra)
     _set_status(vs, VServerStatusChoices.STATUS_BUILDING)
     return vs, op
 
@@ -360,6 +379,27 @@ def system_start(vs: VServer, *, reason: str) -> Operation | None:
     audit(SYSTEM, vs.customer, vs, "start-vserver", reason=reason)
     op = _operation(vs, OperationKindChoices.KIND_START, SYSTEM)
     _set_status(vs, VServerStatusChoices.STATUS_STARTING)
+    return op
+
+
+@transaction.atomic
+def system_stop(vs: VServer, *, reason: str) -> Operation | None:
+    """Stop VS for the panel itself (a classroom's auto-stop: outside its hours, idle).
+
+    No user asked, so no role check. Nothing unless it runs with no operation
+    under way (None then): a busy vserver is never stopped. It is then meant
+    to stay stopped (desired_state), so the reconciler leaves it so. Audited
+    with actor 'system' and REASON.
+    """
+    vs = VServer.objects.select_for_update().get(pk=vs.pk)
+    if vs.busy or vs.status != VServerStatusChoices.STATUS_RUNNING or vs.operations.filter(
+            state__in=(OperationStateChoices.STATE_PENDING,
+                       OperationStateChoices.STATE_RUNNING)).exists():
+        return None
+    VServer.objects.filter(pk=vs.pk).update(desired_state=DesiredStateChoices.DESIRED_STOPPED)
+    audit(SYSTEM, vs.customer, vs, "stop-vserver", reason=reason)
+    op = _operation(vs, OperationKindChoices.KIND_STOP, SYSTEM, force=False)
+    _set_status(vs, VServerStatusChoices.STATUS_STOPPING)
     return op
 
 

@@ -100,6 +100,7 @@ def run(op_id: int) -> None:
         OperationKindChoices.KIND_STOP: lambda r: _state(r, "stop"),
         OperationKindChoices.KIND_RESTART: lambda r: _state(r, "restart"),
         OperationKindChoices.KIND_REINSTALL: _reinstall,
+        OperationKindChoices.KIND_RESET: _reset,
         OperationKindChoices.KIND_DELETE: _delete,
         OperationKindChoices.KIND_SET_HOSTNAME: _set_hostname,
         OperationKindChoices.KIND_SET_LIMITS: _set_limits,
@@ -195,6 +196,30 @@ def _create(r: _Run) -> dict[str, Any]:
     result: dict[str, Any] = {"built": True}
     if r.vs.desired_state == DesiredStateChoices.DESIRED_RUNNING:
         result.update(r.follow(r.client.state(r.vs.name, "start"), 70, "starting"))
+        _credentials(r, str((r.op.result or {}).get("password_hash", "")))
+    return result
+
+
+def _credentials(r: _Run, password_hash: str) -> None:
+    """Put a new server's root password and SSH keys in (it runs by now)."""
+    if password_hash:
+        _exec(r, _SET_ROOT_HASH, password_hash, "setting the root password")
+        Operation.objects.filter(pk=r.op.pk).update(result=None)  # keep no copy of the hash
+    keys = "".join(k.key.strip() + "\n" for k in r.vs.ssh_keys.all())
+    if keys:
+        _exec(r, _SET_KEYS, keys, "writing /root/.ssh/authorized_keys")
+
+
+def _reset(r: _Run) -> dict[str, Any]:
+    """Back to the template (keeping the paths the operation names), then up
+    again with the same root password and keys if it should run."""
+    keep = [str(p) for p in (r.op.result or {}).get("keep", [])]
+    r.follow(r.client.state(r.vs.name, "stop", force=True), 10, "stopping")
+    r.follow(r.client.reset(r.vs.name, keep=keep), 40, "resetting to the template")
+    result: dict[str, Any] = {"reset": True, "keep": keep}
+    if r.vs.desired_state == DesiredStateChoices.DESIRED_RUNNING:
+        result.update(r.follow(r.client.state(r.vs.name, "start"), 80, "starting"))
+        _credentials(r, str((r.op.result or {}).get("password_hash", "")))
     return result
 
 

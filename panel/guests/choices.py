@@ -59,6 +59,7 @@ class OperationKindChoices(models.TextChoices):
     KIND_STOP = "stop", "Stop"
     KIND_RESTART = "restart", "Restart"
     KIND_REINSTALL = "reinstall", "Reinstall"
+    KIND_RESET = "reset", "Reset to template"
     KIND_DELETE = "delete", "Delete"
     KIND_SET_HOSTNAME = "set-hostname", "Change hostname"
     KIND_SET_LIMITS = "set-limits", "Change limits"

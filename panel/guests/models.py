@@ -15,6 +15,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
+from django.db.models import Q
 
 from hostagent.names import NAME_RE
 from panel.guests.choices import (
@@ -23,7 +24,8 @@ from panel.guests.choices import (
     OperationStateChoices,
     VServerStatusChoices,
 )
-from panel.hosting.models import Customer, Host
+from panel.hosting.choices import WHOLE_TENANT_ROLES
+from panel.hosting.models import Customer, Host, Membership
 
 __all__ = ["Operation", "SSHKey", "VServer"]
 
@@ -34,12 +36,17 @@ def _is_staff(user: Any) -> bool:
 
 class VServerQuerySet(models.QuerySet["VServer"]):
     def visible_to(self, user: Any) -> VServerQuerySet:
-        """The one tenant gate: staff see all, members their customers' vservers."""
+        """The one tenant gate: staff see all; owners, admins, members and
+        teachers their customers' vservers; a student the server of their own
+        seat; a TA the servers of the students in their groups (panel/classroom)."""
         if _is_staff(user):
             return self
         if not getattr(user, "is_authenticated", False):
             return self.none()
-        return self.filter(customer__memberships__user=user).distinct()
+        whole = Membership.objects.filter(user=user, role__in=WHOLE_TENANT_ROLES)
+        return self.filter(Q(customer__in=whole.values("customer"))
+                           | Q(seat__user=user)
+                           | Q(seat__group__assistants__membership__user=user)).distinct()
 
 
 name_validator = RegexValidator(
@@ -148,7 +155,7 @@ class OperationQuerySet(models.QuerySet["Operation"]):
             return self
         if not getattr(user, "is_authenticated", False):
             return self.none()
-        return self.filter(vserver__customer__memberships__user=user).distinct()
+        return self.filter(vserver__in=VServer.objects.visible_to(user))
 
 
 class Operation(models.Model):

@@ -5,6 +5,9 @@ from __future__ import annotations
 from django.db import models
 
 __all__ = [
+    "MANAGING_ROLES",
+    "SCOPED_ROLES",
+    "WHOLE_TENANT_ROLES",
     "AuditResultChoices",
     "CustomerKindChoices",
     "HostStateChoices",
@@ -22,11 +25,23 @@ class RoleChoices(models.TextChoices):
     ROLE_OWNER = "owner", "Owner"
     ROLE_ADMIN = "admin", "Admin"
     ROLE_MEMBER = "member", "Member"
+    # A classroom's roles (panel/classroom): the teacher runs the class, a TA
+    # the students of their own groups, a student their own server.
+    ROLE_TEACHER = "teacher", "Teacher"
+    ROLE_TA = "ta", "Teaching assistant"
+    ROLE_STUDENT = "student", "Student"
 
 
 # Roles that may change things (create, resize, delete); members may operate
 # (start, stop, restart, console) and look.
-MANAGING_ROLES = frozenset({RoleChoices.ROLE_OWNER, RoleChoices.ROLE_ADMIN})
+MANAGING_ROLES = frozenset({RoleChoices.ROLE_OWNER, RoleChoices.ROLE_ADMIN,
+                            RoleChoices.ROLE_TEACHER})
+
+# Roles that see every vserver of their customer. The others are scoped: a TA
+# sees the servers of the students in their groups, a student their own.
+WHOLE_TENANT_ROLES = frozenset({RoleChoices.ROLE_OWNER, RoleChoices.ROLE_ADMIN,
+                                RoleChoices.ROLE_MEMBER, RoleChoices.ROLE_TEACHER})
+SCOPED_ROLES = frozenset({RoleChoices.ROLE_TA, RoleChoices.ROLE_STUDENT})
 
 
 class HostStateChoices(models.TextChoices):

@@ -18,9 +18,11 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import IntegrityError, models, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from panel.hosting.choices import (
+    WHOLE_TENANT_ROLES,
     AuditResultChoices,
     CustomerKindChoices,
     HostStateChoices,
@@ -191,7 +193,8 @@ class MembershipQuerySet(models.QuerySet["Membership"]):
             return self
         if not getattr(user, "is_authenticated", False):
             return self.none()
-        return self.filter(customer__memberships__user=user).distinct()
+        whole = Membership.objects.filter(user=user, role__in=WHOLE_TENANT_ROLES)
+        return self.filter(Q(customer__in=whole.values("customer")) | Q(user=user)).distinct()
 
 
 class Membership(models.Model):
@@ -378,7 +381,9 @@ class AuditLogQuerySet(models.QuerySet["AuditLog"]):
             return self
         if not getattr(user, "is_authenticated", False):
             return self.none()
-        return self.filter(customer__memberships__user=user).distinct()
+        # A TA or a student reads what they did themselves, not their class's log.
+        whole = Membership.objects.filter(user=user, role__in=WHOLE_TENANT_ROLES)
+        return self.filter(Q(customer__in=whole.values("customer")) | Q(actor=user)).distinct()
 
     def update(self, **kwargs: Any) -> int:
         raise TypeError("the audit log is append-only")

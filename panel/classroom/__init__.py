@@ -1,0 +1,1 @@
+"""Classroom mode: a class of students, each with a server of their own."""
