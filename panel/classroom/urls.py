@@ -11,6 +11,7 @@ urlpatterns = [
     path("classes/new/", views.class_new, name="class_new"),
     path("classes/<slug:slug>/", views.class_detail, name="class_detail"),
     path("classes/<slug:slug>/bulk/", views.class_bulk, name="class_bulk"),
+    path("classes/<slug:slug>/collect/", views.class_collect, name="class_collect"),
     path("classes/<slug:slug>/roster/", views.class_roster, name="class_roster"),
     path("classes/<slug:slug>/credentials/", views.class_credentials, name="class_credentials"),
     path("classes/<slug:slug>/students/<str:username>/credentials/", views.seat_credentials,

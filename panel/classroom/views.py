@@ -20,7 +20,7 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import QuerySet
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_POST
@@ -29,6 +29,7 @@ from panel.classroom import actions, roster
 from panel.classroom.forms import (
     BulkForm,
     ClassroomForm,
+    CollectForm,
     ConfirmTextForm,
     GridFilterForm,
     NewClassForm,
@@ -43,6 +44,7 @@ from panel.hosting.views import actor_of, staff_required
 
 __all__ = [
     "class_bulk",
+    "class_collect",
     "class_credentials",
     "class_delete",
     "class_detail",
@@ -174,6 +176,27 @@ def class_bulk(request: HttpRequest, slug: str) -> HttpResponse:
     for f in failed:
         messages.warning(request, f)
     return redirect("class_detail", slug=slug)
+
+
+@login_required
+def class_collect(request: HttpRequest, slug: str) -> HttpResponse:
+    """A path from every (visible) student's server, in one zip, with a report."""
+    from panel.classroom import collect
+
+    classroom = _class(request, slug)
+    form = CollectForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        path = form.cleaned_data["path"]
+        seats = seats_visible(request.user, classroom).select_related("vserver__host")
+        f, outcomes = collect.collect(seats, path)
+        gactions.audit(actor_of(request), classroom.customer, classroom.customer,
+                       "collect-files", path=path, servers=len(outcomes),
+                       files=sum(o.files for o in outcomes))
+        stem = path.strip("/").replace("/", "-") or "root"
+        return FileResponse(f, as_attachment=True, content_type="application/zip",
+                            filename=f"{classroom.customer.slug}-{stem}.zip")
+    return render(request, "classroom/class_collect.html",
+                  {"classroom": classroom, "form": form}, status=400 if form.errors else 200)
 
 
 # --- the roster --------------------------------------------------------------------

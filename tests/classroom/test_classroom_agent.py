@@ -126,3 +126,46 @@ def test_a_student_cannot_reset_another_students_server(
     with pytest.raises(gactions.Denied):
         actions.reset_seat(ben, actor=Actor(ann.user), keep_home=True, confirm=ben.vserver.name)
     assert state(agent, ben.vserver.name) == wire.STATE_RUNNING
+
+
+def test_the_teacher_collects_a_path_from_every_server_into_one_zip(
+        klass: dict[str, Any], lan: Lan, agent: AgentProcess) -> None:
+    import io
+    import zipfile
+
+    from django.test import Client
+
+    ann = Seat.objects.select_related("vserver").get(user__username="ann")
+    ben = Seat.objects.select_related("vserver").get(user__username="ben")
+    assert ann.vserver is not None and ben.vserver is not None
+    code, out = sh(lan, ann.vserver.name, "mkdir -p /home/lab3/sub && echo ann-work > "
+                                          "/home/lab3/answer.txt && echo deep > /home/lab3/sub/x "
+                                          "&& ln -s / /home/lab3/escape && ln -s /etc/passwd "
+                                          "/home/lab3/pw")
+    assert code == 0, out
+    # ben's server has no such path.
+    c = Client()
+    c.force_login(klass["teacher"])
+    with lan.on_host():
+        r = c.post("/classes/lab1/collect/", {"path": "/home/lab3"})
+    assert r.status_code == 200, r.content[:500]
+    assert r["Content-Type"] == "application/zip"
+    zf = zipfile.ZipFile(io.BytesIO(b"".join(r.streaming_content)))  # type: ignore[attr-defined]
+    names = set(zf.namelist())
+    assert zf.read("ann/answer.txt") == b"ann-work\n"
+    assert zf.read("ann/sub/x") == b"deep\n"
+    assert not any("escape" in n or n.endswith("/pw") for n in names)  # links are not copied
+    assert not any(n.startswith(("/", "..")) or "/../" in n for n in names)
+    report = zf.read("REPORT.txt").decode()
+    assert "ann (" in report and "2 file(s)" in report and "escape (link)" in report
+    ben_line = next(line for line in report.splitlines() if line.startswith("ben ("))
+    assert "no such" in ben_line.lower(), report
+
+
+def test_a_student_cannot_collect_from_the_class(
+        klass: dict[str, Any], lan: Lan, agent: AgentProcess) -> None:
+    from django.test import Client
+
+    c = Client()
+    c.force_login(Seat.objects.get(user__username="ann").user)
+    assert c.post("/classes/lab1/collect/", {"path": "/home"}).status_code == 404
