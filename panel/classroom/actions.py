@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from panel.classroom import roster as rostermod
 from panel.classroom.hashers import GeneratedPasswordHasher
-from panel.classroom.models import ClassGroup, Classroom, Seat
+from panel.classroom.models import ClassGroup, Classroom, Seat, TeachingAssistant
 from panel.guests import actions as gactions
 from panel.guests.actions import ActionError, Actor, Denied, audit, records_denials
 from panel.guests.choices import (
@@ -36,11 +36,13 @@ from panel.hosting.models import Customer, Membership, Plan
 __all__ = [
     "Credential",
     "apply_roster",
+    "assign_ta",
     "class_role",
     "create_class",
     "delete_class",
     "finish_deleted_classes",
     "remove_students",
+    "remove_ta",
     "reset_credentials",
     "reset_seat",
     "seat_name",
@@ -151,6 +153,43 @@ def create_class(*, actor: Actor, name: str, slug: str, plan: Plan, template: st
     audit(actor, customer, customer, "create-class", template=template,
           teacher=teacher.get_username())
     return classroom
+
+
+@records_denials
+@transaction.atomic
+def assign_ta(classroom: Classroom, *, actor: Actor, user: Any,
+              groups: list[ClassGroup]) -> Membership:
+    """Make USER a TA of the class for exactly GROUPS (its membership made
+    if need be). A student, or a member in another role, cannot be made one."""
+    _require_teacher(actor, classroom, "assign-ta")
+    if hasattr(user, "seat"):
+        raise ActionError(f"{user} is a student", "user")
+    m = Membership.objects.filter(user=user, customer=classroom.customer).first()
+    if m is None:
+        m = Membership.objects.create(user=user, customer=classroom.customer,
+                                      role=RoleChoices.ROLE_TA)
+    elif m.role != RoleChoices.ROLE_TA:
+        raise ActionError(f"{user} is already the class's {m.get_role_display().lower()}",
+                          "user")
+    if any(g.classroom_id != classroom.pk for g in groups):
+        raise ActionError("a group of another class", "groups")
+    TeachingAssistant.objects.filter(membership=m).exclude(group__in=groups).delete()
+    for g in groups:
+        TeachingAssistant.objects.get_or_create(membership=m, group=g)
+    audit(actor, classroom.customer, user, "assign-ta", groups=[g.name for g in groups])
+    return m
+
+
+@records_denials
+@transaction.atomic
+def remove_ta(classroom: Classroom, *, actor: Actor, user: Any) -> None:
+    """USER is no TA of the class any more (their groups go with the membership)."""
+    _require_teacher(actor, classroom, "remove-ta")
+    deleted, _ = Membership.objects.filter(user=user, customer=classroom.customer,
+                                           role=RoleChoices.ROLE_TA).delete()
+    if not deleted:
+        raise ActionError(f"{user} is no TA of this class", "user")
+    audit(actor, classroom.customer, user, "remove-ta")
 
 
 # --- the roster ------------------------------------------------------------------------

@@ -141,3 +141,19 @@ class CollectForm(forms.Form):
         if ".." in p.split("/"):
             raise forms.ValidationError("no '..' in the path")
         return posixpath.normpath(p)
+
+
+class AssistantForm(forms.Form):
+    username = forms.CharField(max_length=150, label="TA's panel username")
+    groups = forms.ModelMultipleChoiceField(queryset=ClassGroup.objects.none(), required=False,
+                                            widget=forms.CheckboxSelectMultiple)
+
+    def __init__(self, *args: Any, classroom: Classroom, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["groups"].queryset = classroom.groups.all()  # type: ignore[attr-defined]
+
+    def clean_username(self) -> Any:
+        try:
+            return get_user_model().objects.get(username=self.cleaned_data["username"])
+        except get_user_model().DoesNotExist as e:
+            raise forms.ValidationError("no such user") from e

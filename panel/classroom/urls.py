@@ -16,6 +16,7 @@ urlpatterns = [
     path("classes/<slug:slug>/credentials/", views.class_credentials, name="class_credentials"),
     path("classes/<slug:slug>/students/<str:username>/credentials/", views.seat_credentials,
          name="seat_credentials"),
+    path("classes/<slug:slug>/assistants/", views.class_assistants, name="class_assistants"),
     path("classes/<slug:slug>/settings/", views.class_settings, name="class_settings"),
     path("classes/<slug:slug>/delete/", views.class_delete, name="class_delete"),
     path("my-server/", views.student_home, name="student_home"),

@@ -27,6 +27,7 @@ from django.views.decorators.http import require_POST
 
 from panel.classroom import actions, roster
 from panel.classroom.forms import (
+    AssistantForm,
     BulkForm,
     ClassroomForm,
     CollectForm,
@@ -43,6 +44,7 @@ from panel.hosting.choices import RoleChoices
 from panel.hosting.views import actor_of, staff_required
 
 __all__ = [
+    "class_assistants",
     "class_bulk",
     "class_collect",
     "class_credentials",
@@ -338,6 +340,40 @@ def class_settings(request: HttpRequest, slug: str) -> HttpResponse:
         return redirect("class_detail", slug=slug)
     return render(request, "classroom/class_settings.html",
                   {"classroom": classroom, "form": form}, status=400 if form.errors else 200)
+
+
+@login_required
+def class_assistants(request: HttpRequest, slug: str) -> HttpResponse:
+    """The class's TAs and their groups: add (or change) one, remove one."""
+    from panel.classroom.models import TeachingAssistant
+    from panel.hosting.models import Membership
+
+    classroom = _class(request, slug, teacher=True)
+    form = AssistantForm(request.POST or None, classroom=classroom)
+    if request.method == "POST" and request.POST.get("remove"):
+        ta = get_object_or_404(Membership, customer=classroom.customer,
+                               role=RoleChoices.ROLE_TA, user__username=request.POST["remove"])
+        actions.remove_ta(classroom, actor=actor_of(request), user=ta.user)
+        messages.success(request, f"{ta.user} is no TA of this class any more.")
+        return redirect("class_assistants", slug=slug)
+    if request.method == "POST" and form.is_valid():
+        d = form.cleaned_data
+        try:
+            actions.assign_ta(classroom, actor=actor_of(request), user=d["username"],
+                              groups=list(d["groups"]))
+        except gactions.ActionError as e:
+            form.add_error("username" if e.field == "user" else None, e.message)
+        else:
+            messages.success(request, f"{d['username']} assists with "
+                                      f"{', '.join(g.name for g in d['groups']) or 'no group'}.")
+            return redirect("class_assistants", slug=slug)
+    tas = [(m, [t.group for t in TeachingAssistant.objects.filter(membership=m)
+                .select_related("group")])
+           for m in Membership.objects.filter(customer=classroom.customer,
+                                              role=RoleChoices.ROLE_TA).select_related("user")]
+    return render(request, "classroom/class_assistants.html",
+                  {"classroom": classroom, "form": form, "tas": tas},
+                  status=400 if form.errors else 200)
 
 
 @login_required
