@@ -33,6 +33,7 @@ run: deps
 	$(DEMO_ENV) scripts/agent.sh start
 	$(DEMO_ENV) $(PY) manage.py seed_demo
 	@echo "Panel: http://$(PANEL_ADDR)/  (Ctrl-C stops the panel and its reconciler; the agent and the vservers keep running; make agent-stop ends the agent)"
+	@echo "Enter the demo vserver: make demo-enter   (or, as root: $(DEMO_ENV) $(CURDIR)/$(VENV)/bin/vserver $(DEMO_GUEST) enter)"
 	PANEL_ADDR=$(PANEL_ADDR) scripts/panel.sh
 
 demo-enter: deps
@@ -60,6 +61,7 @@ bench: deps
 	$(PY) bench/agent_api.py
 	$(PY) bench/panel_api.py
 	$(PY) bench/ws_fanout.py
+	$(PY) bench/classroom.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
