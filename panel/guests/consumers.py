@@ -24,23 +24,29 @@ or account change (panel/guests/signals.py). A vserver page whose user loses
 access to it is closed (4404); a dashboard stops showing what its user may no
 longer see (a `deleted` message for each).
 
-To the browser (every vserver as events.snapshot makes it):
+To the browser (every vserver as events.snapshot makes it; on a vserver's
+page as events.detail does, with its recent operations):
 
-    {"type": "state", "vservers": [...]}          dashboard: all, on connect
+    {"type": "state", "vservers": [...],          dashboard: all, on connect, and
+     "plans": [...]}                               its customers' usage bars
     {"type": "vserver", "vserver": {...}, "ts": T} one vserver changed (and, on a
                                                    vserver page, on connect)
     {"type": "deleted", "vserver": {"id": ID}}    gone (or no longer visible)
+    {"type": "plan", "plan": {"customer": ID,     dashboard: a customer's usage
+     "bars": [...] | null}}                        bars changed (null: not shown)
     {"type": "processes", "running": bool|null, "rows": [...], "total": N,
-     "usage": {...}, "error": str|null, "ts": T}  vserver page, while watched
+     "usage": {...}, "error": str|null, "ts": T}  vserver page, while watched:
+                                                   processes and usage
     {"type": "closing", "code": C, "reason": R}   before a close
 
 From the browser (vserver page): `{"type": "watch-processes"}`,
 `{"type": "unwatch-processes"}`, `{"type": "ping"}` (answered `pong`).
 
 The state a page loaded, plus the messages it received, equals a fresh
-fetch (events.state_for / events.snapshot): each forwarded vserver is read
-again after the change it announces (once per change and process, shared by
-every page watching), never taken from a message that may be older.
+fetch (events.state_for and events.plans_for / events.detail): each
+forwarded vserver, and its customer's bars, is read again after the change
+it announces (once per change and process, shared by every page watching),
+never taken from a message that may be older.
 """
 
 from __future__ import annotations
@@ -64,10 +70,12 @@ from django_otp.models import Device
 
 from panel.guests import events
 from panel.guests.models import VServer
+from panel.guests.plan_usage import plan_of
 from panel.guests.processes import WATCHER
 from panel.guests.processes import group as procs_group
+from panel.guests.processes import to_page as procs_to_page
 from panel.hosting.middleware import second_step
-from panel.hosting.models import Membership
+from panel.hosting.models import Customer, Membership
 
 __all__ = [
     "CLOSE_BAD",
@@ -139,6 +147,16 @@ def _read_snapshot(vs_id: int) -> dict[str, Any] | None:
     return None if vs is None else events.snapshot(vs)
 
 
+def _read_detail(vs_id: int) -> dict[str, Any] | None:
+    vs = VServer.objects.filter(pk=vs_id).first()
+    return None if vs is None else events.detail(vs)
+
+
+def _read_plan(customer_id: int) -> dict[str, Any] | None:
+    customer = Customer.objects.filter(pk=customer_id).select_related("plan").first()
+    return None if customer is None else plan_of(customer)
+
+
 def _members_among(customer_id: int, user_ids: Iterable[int]) -> frozenset[int]:
     """Those of USER_IDS who are members of CUSTOMER_ID now (VServer.visible_to's rule)."""
     return frozenset(Membership.objects.filter(customer_id=customer_id, user_id__in=list(
@@ -179,6 +197,27 @@ async def _snapshot_after(event: dict[str, Any]) -> dict[str, Any] | None:
     if not event.get("eid"):
         return await read()  # type: ignore[no-any-return]
     return await _once(f"snap:{event['eid']}:{vs_id}", read)  # type: ignore[no-any-return]
+
+
+async def _detail_after(event: dict[str, Any]) -> dict[str, Any] | None:
+    """What a vserver page shows after the change EVENT announces: the snapshot (the
+    dashboards' read) and the recent operations, each read once per change and process."""
+    snap = await _snapshot_after(event)
+    if snap is None:
+        return None
+    vs_id = int(event["vserver"]["id"])
+    read = functools.partial(database_sync_to_async(events.recent_operations), vs_id)
+    recent = await (_once(f"recent:{event['eid']}:{vs_id}", read) if event.get("eid")
+                    else read())
+    return {**snap, "recent": recent}
+
+
+async def _plan_after(customer_id: int, eid: str | None) -> dict[str, Any] | None:
+    """CUSTOMER_ID's usage bars after the change EID announces: read once per change."""
+    read = functools.partial(database_sync_to_async(_read_plan), customer_id)
+    if not eid:
+        return await read()  # type: ignore[no-any-return]
+    return await _once(f"plan:{eid}:{customer_id}", read)  # type: ignore[no-any-return]
 
 
 # The users (not staff) with a live page of each customer's vservers in this
@@ -336,15 +375,19 @@ class _LiveConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
 
 
 class DashboardConsumer(_LiveConsumer):
-    """Every vserver the user may see: staff join `staff`, others each `customer-ID`."""
+    """Every vserver the user may see: staff join `staff`, others each `customer-ID`;
+    and the usage bars of the customers the user is a member of (their sections)."""
 
     async def begin(self) -> bool:
         self.known: set[int] = set()
         self.audience: set[int] = set()  # the customers it counts in _AUDIENCE for
+        self.plans: dict[int, dict[str, Any]] = {}  # the bars it was last sent, by customer
         await self._join_groups()
         state = await database_sync_to_async(events.state_for)(self.user)
+        self.plans = await database_sync_to_async(events.plans_for)(self.user)
         self.known = set(state)
-        await self.send_json({"type": "state", "vservers": list(state.values())})
+        await self.send_json({"type": "state", "vservers": list(state.values()),
+                              "plans": list(self.plans.values())})
         return True
 
     async def _join_groups(self) -> None:
@@ -386,7 +429,28 @@ class DashboardConsumer(_LiveConsumer):
             if snap is not None:
                 self.known.add(vs_id)
                 await self.send_json({"type": "vserver", "vserver": snap, "ts": time.time()})
+        # The bars: those of a customer the user left go, a joined one's come, and a
+        # change no vserver event told of (the plan itself, staff's overrides) shows.
+        plans = await database_sync_to_async(events.plans_for)(self.user)
+        for c in sorted(set(self.plans) - set(plans)):
+            del self.plans[c]
+            await self.send_json({"type": "plan", "plan": {"customer": c, "bars": None}})
+        for c, plan in sorted(plans.items()):
+            await self._send_plan(c, plan)
         return True
+
+    async def _plan_changed(self, customer_id: Any, eid: str | None) -> None:
+        """After a change of a vserver of CUSTOMER_ID: its bars, if this page shows them."""
+        if customer_id is None or int(customer_id) not in self.plans:
+            return
+        plan = await _plan_after(int(customer_id), eid)
+        if plan is not None:
+            await self._send_plan(int(customer_id), plan)
+
+    async def _send_plan(self, customer_id: int, plan: dict[str, Any]) -> None:
+        if self.plans.get(customer_id) != plan:
+            self.plans[customer_id] = plan
+            await self.send_json({"type": "plan", "plan": plan})
 
     async def _gone(self, vs_id: int, ts: float | None = None) -> None:
         if vs_id in self.known:
@@ -404,13 +468,21 @@ class DashboardConsumer(_LiveConsumer):
         snap = await _snapshot_after(event)
         if snap is None:
             await self._gone(vs_id, event.get("ts"))
-            return
-        self.known.add(vs_id)
-        await self.send_json({"type": "vserver", "vserver": snap, "ts": event.get("ts")})
+        else:
+            self.known.add(vs_id)
+            await self.send_json({"type": "vserver", "vserver": snap, "ts": event.get("ts")})
+        await self._plan_changed(customer, event.get("eid"))
 
     async def vserver_deleted(self, event: dict[str, Any]) -> None:
         # Only a vserver this page was shown: telling that it is gone reveals nothing.
+        if self.closing:
+            return
         await self._gone(int(event["vserver"]["id"]), event.get("ts"))
+        # Its customer's bars, if the page shows them and the user is still a member.
+        customer = event["vserver"].get("customer")
+        if customer is not None and (self.user.is_staff or await _is_member(
+                self.user, int(customer), event.get("eid"))):
+            await self._plan_changed(customer, event.get("eid"))
 
     async def processes_rows(self, event: dict[str, Any]) -> None:
         return  # the vserver pages' (a dashboard never joins procs-ID)
@@ -433,7 +505,7 @@ class VServerConsumer(_LiveConsumer):
             _audience(self.customer_id, self.user.pk, +1)
             self.counted = True
         await self.join(f"vserver-{self.vs_id}")
-        snap = await database_sync_to_async(_read_snapshot)(self.vs_id)
+        snap = await database_sync_to_async(_read_detail)(self.vs_id)
         if snap is None:
             await self.refuse(CLOSE_DELETED, "deleted")
             return False
@@ -492,7 +564,7 @@ class VServerConsumer(_LiveConsumer):
     async def vserver_changed(self, event: dict[str, Any]) -> None:
         if self.closing or not await self.allowed(event.get("eid")):
             return
-        snap = await _snapshot_after(event)
+        snap = await _detail_after(event)
         if snap is None:
             await self.vserver_deleted(event)
             return
@@ -514,7 +586,4 @@ class VServerConsumer(_LiveConsumer):
         await self._send_rows(event)
 
     async def _send_rows(self, event: dict[str, Any]) -> None:
-        await self.send_json({"type": "processes", "running": event.get("running"),
-                              "rows": event.get("rows", []), "total": event.get("total", 0),
-                              "usage": event.get("usage"), "error": event.get("error"),
-                              "ts": event.get("ts")})
+        await self.send_json(procs_to_page(event))

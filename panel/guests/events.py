@@ -8,6 +8,9 @@ database has it after the change; pages re-render their badge from it.
 carry, what the consumers send to the browser and what `state_for(user)`
 (the dashboard's state, as a fresh fetch) is made of, so that the state a
 page loaded plus the events it received equals a fresh fetch (STYLE.md).
+A vserver's page is sent `detail(vs)`: the snapshot and the vserver's recent
+operations (its "Recent operations" table). A dashboard is also sent the
+usage bars of its user's customers (`plans_for(user)`, plan_usage.plan_of).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.utils import dateformat, timezone
+from django.utils.text import Truncator
 
 from panel.guests.choices import (
     BUSY_STATUSES,
@@ -28,35 +33,47 @@ from panel.guests.choices import (
     OperationStateChoices,
 )
 from panel.guests.models import Operation, VServer
+from panel.guests.plan_usage import customers_of, plan_of
 
-__all__ = ["attach_loop", "groups_of", "send", "snapshot", "state_for", "vserver_changed"]
+__all__ = ["DASHBOARD_OPERATIONS", "RECENT_OPERATIONS", "attach_loop", "detail", "groups_of",
+           "operation", "plans_for", "recent_operations", "send", "snapshot", "state_for",
+           "vserver_changed"]
 
 _LOG = logging.getLogger(__name__)
 
 _IN_PROGRESS = (OperationStateChoices.STATE_PENDING, OperationStateChoices.STATE_RUNNING)
 
+RECENT_OPERATIONS = 10  # rows of a vserver page's "Recent operations"
+DASHBOARD_OPERATIONS = 50  # rows of the dashboard's "Operations in progress"
 
-def _operation(op: Operation | None) -> dict[str, Any] | None:
-    if op is None:
-        return None
-    return {"id": op.pk, "kind": op.kind, "kind_display": op.get_kind_display(),
+
+def operation(op: Operation) -> dict[str, Any]:
+    """OP as the pages show it (templates/includes/operations.html, static/js/live.js)."""
+    return {"id": op.pk, "vserver": op.vserver_id, "vserver_name": op.vserver_name,
+            "kind": op.kind, "kind_display": op.get_kind_display(),
             "state": op.state, "state_display": op.get_state_display(),
             "badge": OPERATION_COLOURS.get(op.state, "secondary"),
-            "progress": op.progress, "message": op.message}
+            "progress": op.progress, "message": op.message,
+            "error": Truncator(op.error).chars(200) if op.error else "", "done": op.done,
+            "created": op.created.isoformat(),
+            # As the template prints it: the panel's time zone, not the browser's.
+            "created_display": dateformat.format(timezone.localtime(op.created),
+                                                 "Y-m-d H:i:s")}
 
 
-def current_operation(vs: VServer) -> Operation | None:
-    """The newest operation under way on VS, if one is."""
-    return (Operation.objects.filter(vserver_id=vs.pk, state__in=_IN_PROGRESS)
-            .order_by("-created", "-id").first())
+def _in_progress(vs: VServer) -> list[Operation]:
+    return list(Operation.objects.filter(vserver_id=vs.pk, state__in=_IN_PROGRESS)
+                .order_by("-created", "-id"))
 
 
 def snapshot(vs: VServer) -> dict[str, Any]:
-    """VS's live state: status with its badge colour, the operation under way, limits."""
-    return _snapshot(vs, current_operation(vs))
+    """VS's live state: status with its badge colour, the operations under way, limits."""
+    return _snapshot(vs, _in_progress(vs))
 
 
-def _snapshot(vs: VServer, op: Operation | None) -> dict[str, Any]:
+def _snapshot(vs: VServer, ops: list[Operation]) -> dict[str, Any]:
+    """OPS: VS's operations under way, the newest first."""
+    shown = [operation(op) for op in ops]
     return {"id": vs.pk, "name": vs.name, "customer": vs.customer_id,
             "hostname": vs.hostname, "status": vs.status,
             "status_display": vs.get_status_display(),
@@ -67,19 +84,36 @@ def _snapshot(vs: VServer, op: Operation | None) -> dict[str, Any]:
             "context_id": vs.context_id, "init_pid": vs.init_pid,
             "memory_mb": vs.memory_mb, "cpu_cores": f"{vs.cpu_cores.normalize():f}",
             "disk_gb": vs.disk_gb, "processes": vs.processes,
-            "operation": _operation(op),
+            # The newest under way (what a badge's neighbour shows), and all of them.
+            "operation": shown[0] if shown else None, "operations": shown,
             "updated": vs.updated.isoformat()}
+
+
+def detail(vs: VServer) -> dict[str, Any]:
+    """What a vserver's page shows live: the snapshot, and its recent operations (any
+    state, the newest first), as the page's table has them."""
+    return {**snapshot(vs), "recent": recent_operations(vs.pk)}
+
+
+def recent_operations(vs_id: int) -> list[dict[str, Any]]:
+    return [operation(op) for op in Operation.objects.filter(vserver_id=vs_id)
+            .order_by("-created", "-id")[:RECENT_OPERATIONS]]
 
 
 def state_for(user: Any) -> dict[int, dict[str, Any]]:
     """Every vserver USER may see, by id, as snapshots: the dashboard's live state."""
     vservers = list(VServer.objects.visible_to(user))
-    ops: dict[int, Operation] = {}
+    ops: dict[int, list[Operation]] = {}
     for op in (Operation.objects.filter(vserver__in=vservers, state__in=_IN_PROGRESS)
-               .order_by("created", "id")):
+               .order_by("-created", "-id")):
         if op.vserver_id is not None:
-            ops[op.vserver_id] = op  # the newest wins
-    return {vs.pk: _snapshot(vs, ops.get(vs.pk)) for vs in vservers}
+            ops.setdefault(op.vserver_id, []).append(op)
+    return {vs.pk: _snapshot(vs, ops.get(vs.pk, [])) for vs in vservers}
+
+
+def plans_for(user: Any) -> dict[int, dict[str, Any]]:
+    """The usage bars of every customer USER's dashboard shows, by customer id."""
+    return {c.pk: plan_of(c) for c in customers_of(user)}
 
 
 def groups_of(vs: VServer) -> list[str]:

@@ -1,4 +1,4 @@
-"""Process lists for the vserver pages: one agent stream per watched vserver, per process.
+"""Process lists and usage for the vserver pages: one agent stream per watched vserver.
 
 A vserver page asks for its process list (`{"type": "watch-processes"}` on
 its websocket). However many pages watch one vserver, this process keeps ONE
@@ -8,6 +8,15 @@ agent samples the guest every INTERVAL seconds while someone listens) and
 sends each list to the group `procs-ID`, which the watching consumers have
 joined. The first watcher opens the stream, the last one to leave closes it:
 nothing is asked of the agent while nobody watches.
+
+Each list carries the guest's usage for the page's bars. The process rows
+give their sums; and at each list of a running guest, the same task asks the
+agent what the kernel counts for the guest as a whole
+(`GET /1.0/guests/NAME/usage`: its cgroup's memory, CPU time and processes,
+and its disk where the agent counts it there) and, from an agent that does
+not, every DISK_EVERY seconds its disk (`GET /1.0/guests/NAME/quota`, where
+the host measures it). So usage follows the same rule as the lists: sampled
+while someone watches, at the stream's pace, and not at all otherwise.
 
 (`type=lifecycle&guest=NAME` rather than no type at all: the agent refuses
 an empty `type`, and the few lifecycle events of the guest itself cost
@@ -36,13 +45,16 @@ from channels.layers import get_channel_layer
 from hostagent import wire
 from hostagent.client import AgentError
 
-__all__ = ["INTERVAL", "MAX_ROWS", "WATCHER", "ProcessWatcher", "group"]
+__all__ = ["DISK_EVERY", "INTERVAL", "MAX_ROWS", "WATCHER", "ProcessWatcher", "group", "to_page"]
 
 _LOG = logging.getLogger(__name__)
 
 INTERVAL = 2.0  # seconds between two samples of a guest's processes
 MAX_ROWS = 200  # rows sent to the pages, the busiest first; `total` says how many there are
 BACKOFF_MIN, BACKOFF_MAX = 1.0, 30.0
+DISK_EVERY = 30.0  # seconds between two looks at a watched guest's disk (a qgroup query)
+USAGE_RETRY = 30.0  # seconds before asking again an agent that could not say the usage
+ASK_TIMEOUT = 5.0  # seconds for one usage or quota answer
 
 
 @functools.cache
@@ -56,18 +68,76 @@ def group(vs_id: int) -> str:
     return f"procs-{vs_id}"
 
 
+def to_page(message: dict[str, Any]) -> dict[str, Any]:
+    """A list as the stream sends it to `procs-ID`, as the pages are sent it."""
+    return {"type": "processes", "running": message.get("running"),
+            "rows": message.get("rows", []), "total": message.get("total", 0),
+            "usage": message.get("usage"), "error": message.get("error"),
+            "ts": message.get("ts")}
+
+
 def _rows(event: wire.Event) -> tuple[list[dict[str, Any]], int, dict[str, Any]]:
-    """The rows to show (the busiest MAX_ROWS), how many there are, and their sums."""
+    """The rows to show (the busiest MAX_ROWS), how many there are, and their sums
+    (`memory` and `disk`, the guest's as a whole, are _Usage's to fill in)."""
     raw = event.metadata.get("processes") or []
     rows = [wire.ProcessRow.from_json(r, f"processes.{i}")
             for i, r in enumerate(raw if isinstance(raw, list) else [])]
     rows.sort(key=lambda r: (-r.cpu, -r.mem, r.pid))
     usage = {"processes": len(rows), "cpu": round(sum(r.cpu for r in rows), 1),
-             "mem": round(sum(r.mem for r in rows), 1), "rss": sum(r.rss for r in rows)}
+             "mem": round(sum(r.mem for r in rows), 1), "rss": sum(r.rss for r in rows),
+             "memory": None, "disk": None}
     # The guest's own pid (what `ps` inside it says); the host's pids stay on the host.
     shown = [{"pid": r.guest_pid, "user": r.user, "cpu": r.cpu, "mem": r.mem, "rss": r.rss,
               "command": r.command} for r in rows[:MAX_ROWS]]
     return shown, len(rows), usage
+
+
+class _Usage:
+    """One watched guest's usage as its cgroup and its disk say, asked of its agent once
+    per process list; what the rows summed stands where the agent cannot say."""
+
+    def __init__(self, http: httpx.AsyncClient, name: str) -> None:
+        self.http, self.name = http, name
+        self.cpu: tuple[float, float] | None = None  # (cpu_seconds, uptime) of the last look
+        self.disk: int | None = None
+        self.disk_at = -DISK_EVERY  # loop time of the last look at the disk
+        self.quiet_until = 0.0  # the agent could not say: not before this loop time
+
+    async def _get(self, path: str) -> Any:
+        resp = await self.http.get(f"/{wire.API_VERSION}/guests/{self.name}/{path}",
+                                   timeout=ASK_TIMEOUT)
+        if resp.status_code >= 400:
+            raise AgentError(resp.status_code, resp.text[:200])
+        return resp.json()
+
+    async def fill(self, usage: dict[str, Any]) -> None:
+        """USAGE (a list's sums) with the guest's cgroup and disk figures, in place."""
+        now = asyncio.get_running_loop().time()
+        if now < self.quiet_until:
+            return
+        try:
+            u = wire.Usage.from_json(await self._get("usage"))
+            if u.disk_used is not None:
+                self.disk = u.disk_used  # an agent that counts it with the rest
+            elif now - self.disk_at >= DISK_EVERY:
+                self.disk_at = now
+                used = (await self._get("quota")).get("used")
+                self.disk = used if isinstance(used, int) and used >= 0 else None
+        except (AgentError, OSError, ValueError, httpx.HTTPError) as e:
+            # A stopped guest's 409 included: the next list says whether it runs.
+            _LOG.info("usage of %s: %s", self.name, e or type(e).__name__)
+            self.cpu, self.quiet_until = None, now + USAGE_RETRY
+            return
+        usage["processes"] = u.processes
+        usage["memory"] = u.memory_current
+        usage["disk"] = self.disk
+        if u.cpu_seconds is not None:
+            # Percent of one CPU since the last look, the time the kernel counted for
+            # the whole cgroup (processes that came and went included, which the rows'
+            # sum misses); the rows' sum stands for the first look.
+            last, self.cpu = self.cpu, (u.cpu_seconds, u.uptime)
+            if last is not None and u.uptime > last[1] and u.cpu_seconds >= last[0]:
+                usage["cpu"] = round(100 * (u.cpu_seconds - last[0]) / (u.uptime - last[1]), 1)
 
 
 class ProcessWatcher:
@@ -117,6 +187,10 @@ class ProcessWatcher:
     def watchers(self, vs_id: int) -> int:
         return self._counts.get(vs_id, 0)
 
+    def last(self, vs_id: int) -> dict[str, Any] | None:
+        """The last list sent of VS_ID: what a page that starts watching gets at once."""
+        return self._last.get(vs_id)
+
     def streams(self) -> int:
         """Agent streams open now (connected, not waiting to retry)."""
         return len(self._open)
@@ -145,8 +219,14 @@ class ProcessWatcher:
                 "rows": rows, "total": total, "usage": usage, "error": None,
                 "ts": event.timestamp}
 
-    async def _stream(self, vs_id: int, socket: str, name: str) -> None:
+    async def _publish(self, vs_id: int, message: dict[str, Any]) -> None:
+        """MESSAGE to the pages watching VS_ID, and kept for the next one to come."""
+        self._last[vs_id] = message
         layer = get_channel_layer()
+        if layer is not None:
+            await layer.group_send(group(vs_id), message)
+
+    async def _stream(self, vs_id: int, socket: str, name: str) -> None:
         params = {"type": wire.TYPE_LIFECYCLE, "guest": name, "processes": name,
                   "interval": str(self.interval)}
         delay = BACKOFF_MIN
@@ -165,6 +245,7 @@ class ProcessWatcher:
                     self._open.add(vs_id)
                     self.opened += 1
                     delay = BACKOFF_MIN
+                    usage = _Usage(http, name)
                     async for line in resp.aiter_lines():
                         if not line:
                             continue
@@ -175,9 +256,9 @@ class ProcessWatcher:
                         if event.type != wire.TYPE_PROCESSES:
                             continue
                         message = self._message(vs_id, event)
-                        self._last[vs_id] = message
-                        if layer is not None:
-                            await layer.group_send(group(vs_id), message)
+                        if message["running"]:
+                            await usage.fill(message["usage"])
+                        await self._publish(vs_id, message)
             except asyncio.CancelledError:
                 raise
             except (AgentError, OSError, ValueError, httpx.HTTPError) as e:
@@ -190,10 +271,8 @@ class ProcessWatcher:
             message = {"type": "processes.rows", "vserver": vs_id, "source": self.token,
                        "eid": uuid.uuid4().hex, "running": None, "rows": [], "total": 0,
                        "usage": None, "error": error, "ts": None}
-            self._last[vs_id] = message
-            if layer is not None:
-                with contextlib.suppress(Exception):
-                    await layer.group_send(group(vs_id), message)
+            with contextlib.suppress(Exception):
+                await self._publish(vs_id, message)
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 

@@ -10,7 +10,6 @@ the page has that field.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -24,7 +23,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_POST
 
-from panel.guests import actions
+from panel.guests import actions, events
 from panel.guests.availability import vserver_actions
 from panel.guests.choices import OperationStateChoices
 from panel.guests.console import console_availability
@@ -39,9 +38,10 @@ from panel.guests.forms import (
     managed_customers,
 )
 from panel.guests.models import Operation, SSHKey, VServer
+from panel.guests.plan_usage import customers_of, usage_bars
 from panel.hosting.forms import add_error
-from panel.hosting.models import PLAN_LIMIT_FIELDS, AuditLog, Customer
-from panel.hosting.views import actor_of, bar_colour, staff_required
+from panel.hosting.models import AuditLog
+from panel.hosting.views import actor_of, staff_required
 
 __all__ = [
     "dashboard",
@@ -66,37 +66,8 @@ __all__ = [
 _IN_PROGRESS = (OperationStateChoices.STATE_PENDING, OperationStateChoices.STATE_RUNNING)
 
 
-# --- usage against the plan ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class UsageBar:
-    label: str
-    used: Any
-    limit: Any
-    percent: int
-    colour: str
-
-
-# The bars of the dashboard, in order: the plan's limit field and its label.
-_BARS = (("max_vservers", "Vservers"), ("memory_mb", "Memory (MiB)"),
-         ("cpu_cores", "CPU cores"), ("disk_gb", "Disk (GiB)"),
-         ("max_ipv4", "IPv4 addresses"), ("max_ipv6", "IPv6 addresses"))
-
-
 def _plain(value: Any) -> Any:
     return value.normalize() if isinstance(value, Decimal) else value
-
-
-def usage_bars(customer: Customer) -> list[UsageBar]:
-    """What CUSTOMER uses against its plan (with overrides), one bar per limit."""
-    limits, used = customer.limits(), actions.plan_usage(customer)
-    bars = []
-    for key, label in _BARS:
-        assert key in PLAN_LIMIT_FIELDS  # noqa: S101 (a typo here is a programming error)
-        cap, now = getattr(limits, key), used[key]
-        percent = 100 if not cap else min(100, round(100 * now / cap))
-        bars.append(UsageBar(label, _plain(now), _plain(cap), percent, bar_colour(percent)))
-    return bars
 
 
 # --- dashboard and lists --------------------------------------------------------------------------
@@ -105,8 +76,9 @@ def usage_bars(customer: Customer) -> list[UsageBar]:
 def dashboard(request: HttpRequest) -> HttpResponse:
     """The user's own customers: their vservers, usage against the plan, work under way."""
     user = request.user
-    customers = (Customer.objects.visible_to(user).filter(memberships__user=user)
-                 .select_related("plan").distinct())
+    if hasattr(user, "seat") and not user.is_staff:
+        return redirect("student_home")  # a student's page is their own server's
+    customers = customers_of(user)
     vservers = (VServer.objects.visible_to(user).filter(customer__in=customers)
                 .select_related("customer", "host").prefetch_related("ips"))
     by_customer: dict[int, list[VServer]] = {}
@@ -114,12 +86,14 @@ def dashboard(request: HttpRequest) -> HttpResponse:
         by_customer.setdefault(vs.customer_id, []).append(vs)
     sections = [{"customer": c, "role": c.role_of(user), "bars": usage_bars(c),
                  "vservers": by_customer.get(c.pk, [])} for c in customers]
-    operations = (Operation.objects.visible_to(user).filter(state__in=_IN_PROGRESS)
-                  .select_related("vserver")[:50])
+    # What the page's websocket then keeps current (static/js/live.js, from
+    # events.state_for): the operations under way on the vservers the user may see.
+    operations = (Operation.objects.visible_to(user)
+                  .filter(state__in=_IN_PROGRESS, vserver__isnull=False)
+                  .select_related("vserver")[:events.DASHBOARD_OPERATIONS])
     return render(request, "guests/dashboard.html", {
         "sections": sections, "operations": operations,
         "can_create": managed_customers(user).exists(),
-        "auto_refresh": bool(operations) or any(vs.busy for vs in vservers),
     })
 
 
@@ -210,6 +184,10 @@ def _headroom(vs: VServer) -> dict[str, Any]:
     return room
 
 
+# The live usage bars of the vserver page (static/js/live.js fills them in), in order.
+_USAGE_ROWS = (("cpu", "CPU"), ("memory", "Memory"), ("processes", "Processes"),
+               ("disk", "Disk"))
+
 # The forms of the vserver page, by the key the page and the action views share.
 _FORMS: dict[str, type[forms.Form]] = {
     "stop": StopForm, "reinstall": ConfirmForm, "delete": ConfirmForm,
@@ -229,7 +207,7 @@ def _detail(request: HttpRequest, vs: VServer, *, bound: dict[str, forms.Form] |
             ("ssh_key", {}))}
     forms_.update(bound or {})
     forms_["delete"].fields.pop("template", None)  # reinstall's only
-    operations = vs.operations.select_related("created_by")[:10]
+    operations = vs.operations.select_related("created_by")[:events.RECENT_OPERATIONS]
     audit = (AuditLog.objects.visible_to(request.user)
              .filter(target_type="vserver", target_id=str(vs.pk))[:20])
     return render(request, "guests/vserver_detail.html", {
@@ -238,7 +216,7 @@ def _detail(request: HttpRequest, vs: VServer, *, bound: dict[str, forms.Form] |
         "role": actions.role(request.user, vs.customer), "forms": forms_,
         "console": console_availability(vs, request.user),
         "ssh_keys": vs.ssh_keys.all(), "operations": operations, "audit": audit,
-        "auto_refresh": vs.busy or any(not op.done for op in operations),
+        "usage_rows": _USAGE_ROWS,
     }, status=status)
 
 

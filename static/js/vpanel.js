@@ -1,17 +1,16 @@
 // vpanel's page behaviour, on top of Bootstrap's bundle. Everything here is a
 // convenience: the forms post and the server checks them without it.
+//
+// No page reloads itself: what changes while a page is open reaches it over its
+// websocket (static/js/live.js), which also swaps in the server's fresh copy of a
+// region when the actions a user may take have changed. `window.vpanel.bind`
+// gives such a region the behaviour below.
 (function () {
   "use strict";
 
-  document.addEventListener("DOMContentLoaded", function () {
-    // A dialog whose form came back with errors opens again, showing them.
-    var invalid = document.querySelector(".modal .is-invalid, .modal .alert-danger");
-    if (invalid && window.bootstrap) {
-      window.bootstrap.Modal.getOrCreateInstance(invalid.closest(".modal")).show();
-    }
-
+  function bind(root) {
     // Reinstall and delete: the button waits until the vserver's name is typed.
-    document.querySelectorAll("[data-confirm-name]").forEach(function (button) {
+    root.querySelectorAll("[data-confirm-name]").forEach(function (button) {
       var input = button.form.querySelector("input[name='confirm']");
       if (!input) {
         return;
@@ -24,7 +23,7 @@
     });
 
     // A dialog that is closed forgets what was typed or ticked in it ("force", a name).
-    document.querySelectorAll(".modal").forEach(function (modal) {
+    root.querySelectorAll(".modal").forEach(function (modal) {
       modal.addEventListener("hidden.bs.modal", function () {
         var form = modal.querySelector("form");
         if (form) {
@@ -35,7 +34,7 @@
     });
 
     // Copy buttons next to secrets shown once.
-    document.querySelectorAll("[data-copy]").forEach(function (button) {
+    root.querySelectorAll("[data-copy]").forEach(function (button) {
       button.addEventListener("click", function () {
         var field = document.querySelector(button.getAttribute("data-copy"));
         if (!field || !navigator.clipboard) {
@@ -46,18 +45,16 @@
         });
       });
     });
+  }
 
-    // While something is under way, look again every few seconds, unless the user
-    // is in the middle of a dialog or a form.
-    var every = parseInt(document.body.getAttribute("data-auto-refresh") || "0", 10);
-    if (every > 0) {
-      window.setInterval(function () {
-        var busy = document.querySelector(".modal.show") ||
-          (document.activeElement && document.activeElement.closest("form"));
-        if (!busy && !document.hidden) {
-          window.location.reload();
-        }
-      }, every * 1000);
+  window.vpanel = { bind: bind };
+
+  document.addEventListener("DOMContentLoaded", function () {
+    // A dialog whose form came back with errors opens again, showing them.
+    var invalid = document.querySelector(".modal .is-invalid, .modal .alert-danger");
+    if (invalid && window.bootstrap) {
+      window.bootstrap.Modal.getOrCreateInstance(invalid.closest(".modal")).show();
     }
+    bind(document);
   });
 })();

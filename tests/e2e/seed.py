@@ -5,8 +5,12 @@ SQLite, already migrated). Arguments: the agent's socket, the LAN's subnet
 prefix (198.18.N) and the uplink the guest's address is announced on.
 Makes a customer user with a password, a plan, a host on that agent, a pool
 on the LAN and a running busybox vserver "web", created through
-panel.guests.actions with the agent's work run inline; prints a JSON line
-{"username", "password", "vserver"}.
+panel.guests.actions with the agent's work run inline, whose shutdown takes a
+few seconds (a runlevel-0 script that sleeps, as real services take a moment
+to stop): a page loaded just after a restart is asked for is then loaded
+while the restart is under way, the state in which the panel once reloaded
+its pages every 5 seconds, and the test checks that none does. Prints a
+JSON line {"username", "password", "vserver"}.
 """
 
 from __future__ import annotations
@@ -14,6 +18,12 @@ from __future__ import annotations
 import json
 import sys
 from decimal import Decimal
+
+# Run by the guest's `/etc/init.d/rc 0` at every stop (and restart), before its services stop.
+# Longer than the 5 seconds after which the panel's pages once reloaded themselves: a page
+# loaded as a restart begins would have reloaded before the restart ended.
+SLOW_SHUTDOWN = ("mkdir -p /etc/rc0.d && printf '#!/bin/sh\\nsleep %s\\n' 6 "
+                 "> /etc/rc0.d/K00slow && chmod 755 /etc/rc0.d/K00slow")
 
 
 def main(socket: str, prefix: str, uplink: str) -> None:
@@ -23,6 +33,7 @@ def main(socket: str, prefix: str, uplink: str) -> None:
     from django.conf import settings
     from django.contrib.auth import get_user_model
 
+    from hostagent.client import AgentClient
     from panel.guests import actions
     from panel.guests.choices import VServerStatusChoices
     from panel.hosting.choices import IPFamilyChoices, RoleChoices
@@ -44,6 +55,10 @@ def main(socket: str, prefix: str, uplink: str) -> None:
     vs.refresh_from_db()
     if vs.status != VServerStatusChoices.STATUS_RUNNING:
         sys.exit(f"web is {vs.status}: {vs.status_message}")
+    with AgentClient(socket) as agent:
+        done = agent.run(agent.exec("web", ["/bin/sh", "-c", SLOW_SHUTDOWN]))
+    if done.get("exit_code") != 0:
+        sys.exit(f"web's slow shutdown script: {done.get('output')}")
     print(json.dumps({"username": user.username, "password": password, "vserver": vs.pk}))
 
 

@@ -7,9 +7,15 @@ its own (a temporary VPANEL_VAR_DIR, migrated, seeded by tests/e2e/seed.py
 with a customer user and a running busybox vserver), and Chromium, headless,
 does what a customer would:
 
-- logs in and opens the dashboard;
+- logs in and opens the dashboard, with its usage bars against the plan;
 - restarts the vserver from its page while the dashboard stays open in another
-  tab, whose badge goes to "Restarting" and back to "Running" with no reload;
+  tab, whose badge goes to "Restarting" and back to "Running", and whose
+  "Operations in progress" shows the restart while it runs, with no reload;
+- on the vserver's page, loaded while the restart runs (the guest takes a few
+  seconds to shut down: tests/e2e/seed.py), sees the restart's progress, the
+  badge back to "Running", the actions offered again, the operation ended and
+  the usage bars of the running guest, all without a reload: a marker put on
+  the page's window just after it loaded is still there at the end;
 - opens the console, types a command and a paste and sees their output, is
   resized with the window;
 - reloads the console and is back in the same shell, with its output replayed.
@@ -240,27 +246,28 @@ def run_the_story(panel: Panel, context: Any) -> None:
     page.wait_for_url(re.compile(r"/dashboard/$"))
 
     # The dashboard, left open: its badge must follow the restart by itself.
-    row = page.locator("tr", has=page.get_by_role("link", name="web", exact=True))
-    badge = row.locator("td").nth(1)
+    # (Its row of the vservers' table: "Operations in progress" links to web too.)
+    badge = page.locator(f"tr[data-vp-vserver='{panel.vserver}'] td[data-vp-status]")
     assert badge.inner_text().strip() == "Running"
     shot(page, "dashboard")
     page.evaluate("""() => {
         window.vpNoReload = true;
         window.vpSeen = [];
         const cell = () => {
-            for (const tr of document.querySelectorAll('tr')) {
-                const a = tr.querySelector('a');
-                if (a && a.textContent.trim() === 'web') {
-                    return tr.querySelectorAll('td')[1].innerText.trim();
-                }
-            }
-            return null;
+            const td = document.querySelector('tr[data-vp-vserver] td[data-vp-status]');
+            return td ? td.innerText.trim() : null;
         };
         new MutationObserver(() => {
             const now = cell();
             if (now && window.vpSeen[window.vpSeen.length - 1] !== now) window.vpSeen.push(now);
         }).observe(document.body, {subtree: true, childList: true, characterData: true});
     }""")
+
+    # The usage bars against the plan: one web of 3 vservers, its 256 MiB of 2048.
+    plan = page.locator("[data-vp-plan]")
+    assert plan.locator(".usage-row").count() == 6
+    assert "1 of 3" in plan.inner_text() and "256 of 2048" in plan.inner_text()
+    assert page.locator("[data-vp-ops-section]").is_hidden()
 
     # Restart from the vserver's page, in a second tab.
     vpage = context.new_page()
@@ -270,15 +277,46 @@ def run_the_story(panel: Panel, context: Any) -> None:
     vpage.click("#btn-restart")
     vpage.locator("#modal-restart").get_by_role("button", name="Restart").click()
     vpage.wait_for_load_state()
+    # Loaded while the restart runs: the state in which the page once reloaded itself.
+    vpage.evaluate("window.vpNoReload = 'kept'")
+    assert vpage.locator("[data-vp-rendered-status]").get_attribute(
+        "data-vp-rendered-status") == "restarting"
+    assert vpage.locator("#btn-stop").is_disabled()
+    shot(vpage, "vserver-restarting")
 
+    # The dashboard: the restart under way, then the badge back, then nothing under way.
+    page.wait_for_function("!document.querySelector('[data-vp-ops-section]').hidden",
+                           timeout=WAIT_MS)
+    assert "Restart" in page.locator("[data-vp-ops='dashboard']").inner_text()
     page.wait_for_function("window.vpSeen.includes('Restarting')", timeout=WAIT_MS)
     page.wait_for_function(
         "window.vpSeen.length && window.vpSeen[window.vpSeen.length - 1] === 'Running'",
         timeout=WAIT_MS)
+    page.wait_for_function("document.querySelector('[data-vp-ops-section]').hidden",
+                           timeout=WAIT_MS)
     assert badge.inner_text().strip() == "Running"
     assert page.evaluate("window.vpNoReload === true"), "the dashboard was reloaded"
     seen = page.evaluate("window.vpSeen")
     assert seen[seen.index("Restarting"):][-1] == "Running", seen
+
+    # The vserver's page, on its own: the badge, the actions offered again (the server's
+    # fresh copy of them), the operation ended, the usage of the running guest.
+    vpage.wait_for_function("document.querySelector('#vs-status').innerText.trim() === 'Running'",
+                            timeout=WAIT_MS)
+    vpage.wait_for_function("!document.querySelector('#btn-stop').disabled", timeout=WAIT_MS)
+    first_op = vpage.locator("[data-vp-ops='vserver'] tr").first
+    vpage.wait_for_function(
+        "document.querySelector(\"[data-vp-ops='vserver'] tr\").innerText.includes('Success')",
+        timeout=WAIT_MS)
+    assert "Restart" in first_op.inner_text() and "100%" in first_op.inner_text()
+    vpage.wait_for_selector("[data-vp-proc-usage]:not([hidden])", timeout=WAIT_MS)
+    assert "of 256 MiB" in vpage.inner_text("[data-vp-usage-text='memory']")
+    assert vpage.evaluate("window.vpNoReload === 'kept'"), "the vserver page was reloaded"
+    # The dialog came with the fresh actions: Stop opens it, and it is the real one.
+    vpage.click("#btn-stop")
+    vpage.locator("#modal-stop .modal-footer").get_by_role("button", name="Cancel").click()
+    vpage.wait_for_selector("#modal-stop", state="hidden")
+    shot(vpage, "vserver-live")
 
     # The console, from the vserver's page.
     vpage.goto(f"{panel.url}/vservers/{panel.vserver}/")

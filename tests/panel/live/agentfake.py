@@ -1,14 +1,19 @@
-"""An agent without guests for the live pages' tests: the real API, a pretend host.
+"""What the live pages' tests need of an agent that a real one cannot give on demand.
 
-The agent's own aiohttp application (hostagent.api.make_app) and its own event
-bus (hostagent.events.EventBus) serve a Unix socket, so the event stream, its
-filters, the process samplers and the listener counts are the agent's; only
-the guests are pretend: a dict of name -> (state, context, init pid), and
-process lists made up by `processes`. Tests publish agent-shaped events
-through `lifecycle` and `operation`, exactly as the daemon's operations do.
+Whatever crosses the panel<->agent boundary as a real guest makes it is tested
+against a real `hostagent serve` (test_live_e2e_agent.py, test_console_consumer.py).
+What stays here:
 
-`serve()` runs it in the caller's event loop (async tests); `ThreadedAgent`
-runs it in a thread with a loop of its own (the bridge, which is threads).
+- agent-shaped events (`lifecycle_event`, `operation_event`, `agent_operation`)
+  and a StubClient answering what the bridge asks, for the tests that feed
+  the bridge's handler directly: each kind of event on its own
+  (test_bridge.py) and random interleavings of them, progress at any point
+  and failures included (test_live_property.py);
+- a FakeAgent: the agent's own aiohttp application (hostagent.api.make_app)
+  and event bus (hostagent.events.EventBus) on a Unix socket with pretend
+  guests (a dict of name -> (state, context, init pid)), run in a thread of
+  its own by ThreadedAgent, so that a test can make the bus drop a listener
+  that fell behind (test_bridge.py).
 """
 
 from __future__ import annotations
@@ -32,27 +37,15 @@ __all__ = ["FakeAgent", "StubClient", "ThreadedAgent", "agent_operation", "lifec
            "operation_event", "serve"]
 
 
-def default_rows(name: str) -> list[dict[str, Any]]:
-    return [{"pid": 4242, "guest_pid": 1, "user": "root", "cpu": 0.0, "mem": 0.1,
-             "rss": 1048576, "command": "init -P"},
-            {"pid": 4243, "guest_pid": 7, "user": "www-data", "cpu": 12.5, "mem": 2.0,
-             "rss": 20971520, "command": f"httpd -f {name} \x1b[31m\u202e"}]
-
-
 class FakeAgent:
-    def __init__(self, loop: asyncio.AbstractEventLoop,
-                 rows: Callable[[str], list[dict[str, Any]] | None] | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.guests_: dict[str, tuple[str, int | None, int | None]] = {}
-        self.rows = rows or default_rows
-        self.samples = 0
         self.bus = EventBus(loop, self._sample)
         self.group_id: int | None = os.getgid()  # not root: our own group may call
         self.loop = loop
 
     def _sample(self, name: str) -> list[dict[str, Any]] | None:
-        self.samples += 1
-        state = self.guests_.get(name, (wire.STATE_STOPPED, None, None))[0]
-        return self.rows(name) if state == wire.STATE_RUNNING else None
+        return None  # no process lists: the real agent's are tested with real guests
 
     # --- what hostagent.api's handlers call ---
 
@@ -77,12 +70,6 @@ class FakeAgent:
     def set(self, name: str, state: str, ctx: int | None = None,
             pid: int | None = None) -> None:
         self.guests_[name] = (state, ctx, pid)
-
-    def lifecycle(self, name: str, action: str, state: str, **meta: Any) -> None:
-        self.bus.publish(wire.TYPE_LIFECYCLE, action, name, state=state, **meta)
-
-    def operation(self, op: dict[str, Any]) -> None:
-        self.bus.publish(wire.TYPE_OPERATION, "operation", op["guest"], **op)
 
 
 def agent_operation(kind: str, guest: str, state: str, progress: int = 0,

@@ -1,10 +1,11 @@
 """What the live pages are told (panel/guests/consumers.py), on both channel layers.
 
-A dashboard starts with every vserver its user may see, then hears of each
-change of them (and of no other tenant's); a vserver page starts with its
-vserver and hears of its status and operation's progress. The changes come
-from the actions and from the agent event bridge's handler fed agent-shaped
-events (panel/guests/bridge.py), as in production; no agent is needed.
+A dashboard starts with every vserver its user may see and the usage bars of
+its user's customers, then hears of each change of them (and of no other
+tenant's); a vserver page starts with its vserver and its recent operations
+and hears of its status and operations' progress. The changes come from the
+actions and from what the operation thread records, as in production; no
+agent is needed (tests/panel/live/test_live_e2e_agent.py has the real one).
 """
 
 from __future__ import annotations
@@ -15,20 +16,13 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from hostagent import wire
-from panel.guests import actions, bridge, consumers, events
+from panel.guests import actions, consumers, events
 from panel.guests.choices import (
     STATUS_COLOURS,
     OperationStateChoices,
     VServerStatusChoices,
 )
 from panel.guests.models import Operation, VServer
-from tests.panel.live.agentfake import (
-    StubClient,
-    agent_operation,
-    lifecycle_event,
-    operation_event,
-)
 from tests.panel.live.helpers import (
     World,
     connect,
@@ -50,16 +44,129 @@ def world(channel_layer: str, monkeypatch: pytest.MonkeyPatch) -> World:
     return make_world()
 
 
+def bar(plan: dict[str, Any], key: str) -> dict[str, Any]:
+    """One usage bar of a customer's (plan_usage.plan_of)."""
+    return next(b for b in plan["bars"] if b["key"] == key)
+
+
 def test_the_dashboard_starts_with_what_its_user_may_see(world: World) -> None:
     cookies = {who: session_cookie(world.users[who]) for who in ("alice", "bob", "staff")}
 
     async def go() -> None:
-        for who, names in (("alice", ["shop"]), ("bob", ["bobs"]), ("staff", ["bobs", "shop"])):
+        # Staff see every vserver; the bars are of the customers one is a member of (the
+        # dashboard's sections), which staff here is of none.
+        for who, names, customers in (("alice", ["shop"], [world.a.pk]),
+                                      ("bob", ["bobs"], [world.b.pk]),
+                                      ("staff", ["bobs", "shop"], [])):
             comm, state = await connect("/ws/vservers/", cookies[who])
             assert state["type"] == "state"
             assert sorted(v["name"] for v in state["vservers"]) == names, who
             fetched = await sync(events.state_for)(world.users[who])
             assert {v["id"]: v for v in state["vservers"]} == fetched
+            assert [p["customer"] for p in state["plans"]] == customers, who
+            plans = await sync(events.plans_for)(world.users[who])
+            assert {p["customer"]: p for p in state["plans"]} == plans
+            await comm.disconnect()
+
+    run(go)
+
+
+def test_a_vserver_page_follows_its_operations_progress_to_the_end(world: World) -> None:
+    """Each step the operation's thread records (agent._Run.progress), then its end: on
+    the vserver's page (its recent operations) and its tenant's dashboard (those under
+    way), at once."""
+    olga = world.users["olga"]
+    cookie = session_cookie(olga)
+
+    def start() -> int:
+        return actions.start_vserver(VServer.objects.get(pk=world.vs.pk),
+                                     actor=actions.Actor(olga)).pk
+
+    def step(op_id: int, **fields: Any) -> None:
+        Operation.objects.filter(pk=op_id).update(**fields)
+        events.vserver_changed(world.vs.pk)
+
+    def failed_stop() -> int:
+        op = actions.stop_vserver(VServer.objects.get(pk=world.vs.pk), actor=actions.Actor(olga))
+        step(op.pk, state=OperationStateChoices.STATE_FAILURE, error="x" * 300)
+        return op.pk
+
+    async def go() -> None:
+        page, first = await connect(f"/ws/vservers/{world.vs.pk}/", cookie)
+        dash, _ = await connect("/ws/vservers/", cookie)
+        assert first["vserver"]["recent"] == []
+        op_id = await sync(start)()
+        for comm in (page, dash):
+            assert (await comm.receive_json_from())["vserver"]["operation"]["id"] == op_id
+        await sync(step)(op_id, state=OperationStateChoices.STATE_RUNNING, progress=20,
+                         message="starting")
+        for comm in (page, dash):
+            vs = (await comm.receive_json_from())["vserver"]
+            op = vs["operation"]
+            assert (op["state"], op["progress"], op["message"], op["done"]) == (
+                "running", 20, "starting", False)
+            assert vs["operations"] == [op]
+        await sync(step)(op_id, state=OperationStateChoices.STATE_SUCCESS, progress=100,
+                         message="done")
+        ended = {}
+        for comm in (page, dash):
+            ended[comm] = vs = (await comm.receive_json_from())["vserver"]
+            assert (vs["operation"], vs["operations"]) == (None, [])
+        # Ended, it stays on the vserver's page, with how it ended.
+        assert [(o["id"], o["state"], o["progress"], o["done"]) for o in ended[page][
+            "recent"]] == [(op_id, "success", 100, True)]
+        # A failure shows its error, cut as the page's table cuts it.
+        await sync(lambda: VServer.objects.filter(pk=world.vs.pk).update(status="running"))()
+        stop_id = await sync(failed_stop)()
+        got = await messages_until(page, lambda m: m["vserver"]["recent"][0]["state"]
+                                   == "failure")
+        failed = got[-1]["vserver"]["recent"][0]
+        assert failed["id"] == stop_id and failed["error"] == "x" * 199 + "\u2026"
+        assert [o["id"] for o in got[-1]["vserver"]["recent"]] == [stop_id, op_id]
+        assert got[-1]["vserver"] == await sync(
+            lambda: events.detail(VServer.objects.get(pk=world.vs.pk)))()
+        await page.disconnect()
+        await dash.disconnect()
+
+    run(go)
+
+
+def test_new_limits_move_the_usage_bars_of_their_tenants_dashboards_only(
+        world: World) -> None:
+    olga = world.users["olga"]
+    cookies = {who: session_cookie(world.users[who]) for who in ("alice", "bob", "staff")}
+
+    def set_limits() -> None:
+        op = actions.set_limits(VServer.objects.get(pk=world.vs.pk), actor=actions.Actor(olga),
+                                memory_mb=4096, cpu_cores="2.5")
+        # What the operation's thread does once the agent has the new limits.
+        Operation.objects.filter(pk=op.pk).update(state=OperationStateChoices.STATE_SUCCESS,
+                                                  progress=100)
+        events.vserver_changed(world.vs.pk)
+
+    async def go() -> None:
+        dashes = {who: (await connect("/ws/vservers/", cookies[who]))[0] for who in cookies}
+        _, state = await connect("/ws/vservers/", cookies["alice"])
+        before = state["plans"][0]
+        assert bar(before, "memory_mb")["used"] == "256"
+        await sync(set_limits)()
+        vs = (await dashes["alice"].receive_json_from())["vserver"]
+        assert (vs["memory_mb"], vs["cpu_cores"]) == (4096, "2.5")
+        plan = (await dashes["alice"].receive_json_from())["plan"]
+        assert plan["customer"] == world.a.pk
+        assert (bar(plan, "memory_mb")["used"], bar(plan, "cpu_cores")["used"]) == ("4096", "2.5")
+        assert bar(plan, "memory_mb")["limit"] == "65536" and bar(plan, "memory_mb")[
+            "percent"] == 6
+        assert plan == (await sync(events.plans_for)(world.users["alice"]))[world.a.pk]
+        # Staff see the vserver change, and no bars (not a member of Acme); Bob nothing.
+        assert (await dashes["staff"].receive_json_from())["type"] == "vserver"
+        await no_message(dashes["staff"])
+        await no_message(dashes["bob"])
+        # A change that leaves the bars as they are sends none.
+        await sync(events.vserver_changed)(world.vs.pk)
+        assert (await dashes["alice"].receive_json_from())["type"] == "vserver"
+        await no_message(dashes["alice"])
+        for comm in dashes.values():
             await comm.disconnect()
 
     run(go)
@@ -89,66 +196,18 @@ def test_a_start_reaches_the_page_and_its_tenants_dashboards_only(world: World) 
                 world.vs.pk, "starting", "Starting",
                 STATUS_COLOURS[VServerStatusChoices.STATUS_STARTING], True)
             assert vs["operation"] == {
-                "id": op.pk, "kind": "start", "kind_display": "Start", "state": "pending",
-                "state_display": "Pending", "badge": "secondary", "progress": 0, "message": ""}
+                "id": op.pk, "vserver": world.vs.pk, "vserver_name": "shop", "kind": "start",
+                "kind_display": "Start", "state": "pending", "state_display": "Pending",
+                "badge": "secondary", "progress": 0, "message": "", "error": "",
+                "done": False, "created": op.created.isoformat(),
+                "created_display": op.created.strftime("%Y-%m-%d %H:%M:%S")}
+            assert vs["operations"] == [vs["operation"]]
+            # The vserver's page also gets its recent operations (any state): the start.
+            assert vs.get("recent", "dashboards: none") == (
+                [vs["operation"]] if comm is page else "dashboards: none")
         await no_message(theirs)
         for comm in (page, mine, theirs, staff):
             await comm.disconnect()
-
-    run(go)
-
-
-def test_the_bridge_shows_building_starting_progress_and_the_end_at_once(
-        world: World) -> None:
-    """The agent's events, through the bridge's handler, as they happen: no waiting for
-    the panel's operation thread to look."""
-    olga, host = world.users["olga"], world.host
-    agent = StubClient()
-    agent.set("shop", wire.STATE_STOPPED)
-    theirs = agent_operation("start", "shop", wire.OP_RUNNING)
-
-    def start_and_follow() -> None:
-        op = actions.start_vserver(VServer.objects.get(pk=world.vs.pk),
-                                   actor=actions.Actor(olga))
-        # What agent._Run.follow records once the agent has taken the operation.
-        Operation.objects.filter(pk=op.pk).update(agent_operation=theirs["id"])
-
-    def agent_says(*evs: wire.Event) -> None:
-        for ev in evs:
-            bridge.handle(host, ev, agent)  # type: ignore[arg-type]
-
-    cookie = session_cookie(olga)
-
-    async def go() -> None:
-        page, _ = await connect(f"/ws/vservers/{world.vs.pk}/", cookie)
-        await sync(start_and_follow)()
-        await messages_until(page, lambda m: m["vserver"]["status"] == "starting")
-        await sync(agent_says)(operation_event({**theirs, "progress": 40,
-                                                "message": "mounting"}))
-        msg = await page.receive_json_from()
-        assert msg["vserver"]["operation"]["progress"] == 40
-        assert msg["vserver"]["operation"]["state"] == OperationStateChoices.STATE_RUNNING
-        assert msg["vserver"]["operation"]["message"] == "mounting"
-        agent.set("shop", wire.STATE_RUNNING, 49152, 4242)
-        await sync(agent_says)(
-            operation_event({**theirs, "state": wire.OP_SUCCESS, "progress": 100,
-                             "result": {"context": 49152, "init_pid": 4242}}),
-            lifecycle_event("shop", wire.EVENT_GUEST_STARTED, wire.STATE_RUNNING,
-                            operation=theirs["id"]))
-        got = await messages_until(page, lambda m: m["vserver"]["status"] == "running")
-        vs = got[-1]["vserver"]
-        assert (vs["context_id"], vs["init_pid"], vs["operation"], vs["busy"]) == (
-            49152, 4242, None, False)
-        op = await sync(lambda: Operation.objects.get(agent_operation=theirs["id"]))()
-        assert (op.state, op.progress) == (OperationStateChoices.STATE_SUCCESS, 100)
-        # Behind the panel's back: it halts from inside.
-        agent.set("shop", wire.STATE_STOPPED)
-        await sync(agent_says)(lifecycle_event("shop", wire.EVENT_GUEST_EXITED,
-                                               wire.STATE_STOPPED, how="halt"))
-        vs = (await page.receive_json_from())["vserver"]
-        assert (vs["status"], vs["context_id"], vs["status_message"]) == (
-            "stopped", None, "stopped: halted from inside")
-        await page.disconnect()
 
     run(go)
 
@@ -176,14 +235,19 @@ def test_what_is_sent_is_read_after_the_change_not_taken_from_the_message(
 
 def test_one_read_of_a_change_serves_every_page_of_this_process(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    reads: list[int] = []
-    real = consumers._read_snapshot
+    reads: list[tuple[str, int]] = []
 
-    def counted(vs_id: int) -> dict[str, Any] | None:
-        reads.append(vs_id)
-        return real(vs_id)
+    def counting(what: str, real: Any) -> Any:
+        def counted(an_id: int) -> Any:
+            reads.append((what, an_id))
+            return real(an_id)
+        return counted
 
-    monkeypatch.setattr(consumers, "_read_snapshot", counted)
+    monkeypatch.setattr(consumers, "_read_snapshot",
+                        counting("vserver", consumers._read_snapshot))
+    monkeypatch.setattr(events, "recent_operations",
+                        counting("operations", events.recent_operations))
+    monkeypatch.setattr(consumers, "_read_plan", counting("plan", consumers._read_plan))
     cookie = session_cookie(world.users["alice"])
 
     async def go() -> None:
@@ -194,7 +258,8 @@ def test_one_read_of_a_change_serves_every_page_of_this_process(
         for comm in pages + dashes:
             assert (await comm.receive_json_from())["vserver"]["id"] == world.vs.pk
             await comm.disconnect()
-        assert reads == [world.vs.pk]
+        assert sorted(reads) == [("operations", world.vs.pk), ("plan", world.a.pk),
+                                 ("vserver", world.vs.pk)]
 
     run(go)
 
@@ -218,9 +283,14 @@ def test_a_new_vserver_appears_on_the_dashboard_and_a_deleted_one_goes(world: Wo
         new = await sync(create)()
         msg = await dash.receive_json_from()
         assert (msg["vserver"]["id"], msg["vserver"]["status"]) == (new, "building")
+        # Its customer's usage bars follow: one vserver more.
+        plan = (await dash.receive_json_from())["plan"]
+        assert plan["customer"] == world.a.pk and bar(plan, "max_vservers")["used"] == "2"
         await sync(deleted)(new)
         assert await dash.receive_json_from() == {"type": "deleted", "vserver": {"id": new},
                                                   "ts": pytest.approx(msg["ts"], abs=60)}
+        plan = (await dash.receive_json_from())["plan"]
+        assert bar(plan, "max_vservers")["used"] == "1"
         await no_message(other)
         await dash.disconnect()
         await other.disconnect()

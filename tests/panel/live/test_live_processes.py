@@ -1,27 +1,26 @@
-"""Process lists on the vserver page (panel/guests/processes.py), on both channel layers.
+"""Process lists and usage on the vserver page (panel/guests/processes.py): the panel's side.
 
-However many pages watch one vserver, the panel keeps ONE stream open to its
-agent, and none once they have all left. The agent here is the agent's own
-API and event bus on a Unix socket, with pretend guests (agentfake.py), so
-its listener and sampler counts are the agent's.
+What crosses to the agent (one stream however many pages watch, the guest's
+own rows and usage, the stream coming back after an agent restart) is tested
+against a real agent in test_live_e2e_agent.py. Here, what needs no agent:
+which lists a page is given, the dashboard refusing to watch, and how the
+usage figures are made from the agent's answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
+import json
 from typing import Any
 
+import httpx
 import pytest
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from hostagent import wire
-from hostagent.events import EventBus
 from panel.guests import consumers, processes
 from panel.guests.models import VServer
 from panel.hosting.models import Host, Membership
-from tests.panel.live import agentfake
 from tests.panel.live.helpers import (
     World,
     closed_with,
@@ -36,160 +35,59 @@ from tests.panel.live.helpers import (
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
-N = 5  # pages watching one vserver
-
 
 @pytest.fixture
-def world(channel_layer: str, short_socket_dir: Path, watcher: Any) -> World:
-    watcher.interval = 0.5  # the agent's shortest: the tests need not wait 2 s a list
-    w = make_world(str(short_socket_dir / "agent.sock"))
+def world(channel_layer: str, watcher: Any, monkeypatch: pytest.MonkeyPatch) -> World:
+    # No agent at the host's socket: the watcher's own messages are its errors, again
+    # and again as it retries (soon, here).
+    monkeypatch.setattr(processes, "BACKOFF_MIN", 0.1)
+    monkeypatch.setattr(processes, "BACKOFF_MAX", 0.2)
+    w = make_world()
     VServer.objects.filter(pk__in=[w.vs.pk, w.theirs.pk]).update(status="running")
     return w
 
 
-def is_rows(m: dict[str, Any]) -> bool:
-    return m["type"] == "processes" and m["running"] is True
+def is_own(m: dict[str, Any]) -> bool:
+    return m["type"] == "processes" and m["error"] is not None
 
 
-async def settle(cond: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "not reached in time"
-        await asyncio.sleep(0.02)
-
-
-def test_n_pages_cost_one_agent_stream_and_none_once_they_leave(
+def test_only_this_processs_lists_are_forwarded_and_only_while_allowed(
         world: World, watcher: Any) -> None:
-    socket = Path(world.host.agent_socket)
-    cookie = session_cookie(world.users["alice"])
-
-    async def go() -> None:
-        async with agentfake.serve(socket) as agent:
-            agent.set("shop", wire.STATE_RUNNING, 49152, 4242)
-            pages = [(await connect(f"/ws/vservers/{world.vs.pk}/", cookie))[0]
-                     for _ in range(N)]
-            # Connected, not watching: nothing is asked of the agent.
-            assert agent.bus.listeners() == 0 and agent.samples == 0
-            for page in pages:
-                await page.send_json_to({"type": "watch-processes"})
-            for page in pages:
-                msg = (await messages_until(page, is_rows))[-1]
-                assert [r["pid"] for r in msg["rows"]] == [7, 1]  # the busiest first
-                assert msg["rows"][0] == {
-                    "pid": 7, "user": "www-data", "cpu": 12.5, "mem": 2.0, "rss": 20971520,
-                    # The guest's own text, as is: the page escapes it (static/js/live.js).
-                    "command": "httpd -f shop \x1b[31m\u202e"}
-                assert msg["total"] == 2 and msg["error"] is None
-                assert msg["usage"] == {"processes": 2, "cpu": 12.5, "mem": 2.1,
-                                        "rss": 22020096}
-            # One stream, one sampler, however many pages.
-            assert agent.bus.listeners() == 1 and agent.bus.samplers() == {"shop"}
-            assert (watcher.streams(), watcher.opened, watcher.watchers(world.vs.pk)) == (
-                1, 1, N)
-            # A page that stops watching stops getting lists; the others go on.
-            await pages[0].send_json_to({"type": "unwatch-processes"})
-            await settle(lambda: watcher.watchers(world.vs.pk) == N - 1)
-            await messages_until(pages[1], is_rows)
-            while not await pages[0].receive_nothing(timeout=0.8):
-                assert (await pages[0].receive_json_from())["type"] == "processes"  # in flight
-            assert agent.bus.listeners() == 1
-            # The last to leave closes the stream; the agent stops sampling.
-            for page in pages:
-                await page.disconnect()
-            await settle(lambda: agent.bus.listeners() == 0)
-            assert agent.bus.samplers() == set() and watcher.streams() == 0
-            assert watcher.tasks() == 0
-            samples = agent.samples
-            await asyncio.sleep(1.2)
-            assert agent.samples == samples  # nobody watches: nothing is polled
-
-    run(go)
-
-
-def test_a_late_page_gets_the_last_list_at_once_and_a_stopped_guest_says_so(
-        world: World, watcher: Any) -> None:
-    socket = Path(world.host.agent_socket)
-    cookie = session_cookie(world.users["alice"])
-
-    async def go() -> None:
-        async with agentfake.serve(socket) as agent:
-            agent.set("shop", wire.STATE_RUNNING, 49152, 4242)
-            first, _ = await connect(f"/ws/vservers/{world.vs.pk}/", cookie)
-            await first.send_json_to({"type": "watch-processes"})
-            await messages_until(first, is_rows)
-            late, _ = await connect(f"/ws/vservers/{world.vs.pk}/", cookie)
-            await late.send_json_to({"type": "watch-processes"})
-            msg = await late.receive_json_from(timeout=0.3)  # before the next sample
-            assert is_rows(msg)
-            agent.set("shop", wire.STATE_STOPPED)
-            got = await messages_until(late, lambda m: m["type"] == "processes"
-                                       and m["running"] is False)
-            assert got[-1]["rows"] == [] and got[-1]["total"] == 0
-            assert watcher.opened == 1
-            await first.disconnect()
-            await late.disconnect()
-
-    run(go)
-
-
-def test_the_stream_comes_back_after_the_agent_restarts(world: World, watcher: Any) -> None:
-    socket = Path(world.host.agent_socket)
-    cookie = session_cookie(world.users["alice"])
-
-    async def go() -> None:
-        page, _ = await connect(f"/ws/vservers/{world.vs.pk}/", cookie)
-        agent = agentfake.FakeAgent(asyncio.get_running_loop())
-        agent.set("shop", wire.STATE_RUNNING, 49152, 4242)
-        async with agentfake.serve(socket, agent):
-            await page.send_json_to({"type": "watch-processes"})
-            await messages_until(page, is_rows)
-        # The agent went away: the page is told, and the watcher tries again.
-        got = await messages_until(page, lambda m: m["type"] == "processes"
-                                   and m["error"] is not None)
-        assert got[-1]["running"] is None and "agent" in got[-1]["error"]
-        agent.bus = EventBus(asyncio.get_running_loop(), agent._sample)
-        async with agentfake.serve(socket, agent):
-            await messages_until(page, is_rows, timeout=10)
-            assert watcher.opened == 2 and agent.bus.listeners() == 1
-            await page.disconnect()
-            await settle(lambda: agent.bus.listeners() == 0)
-
-    run(go)
-
-
-def test_only_this_processs_rows_are_forwarded_and_only_while_allowed(
-        world: World, watcher: Any) -> None:
-    socket = Path(world.host.agent_socket)
     cookie = session_cookie(world.users["alice"])
 
     def foreign_rows() -> None:
         # Another panel process's stream of the same vserver (the group spans processes).
         async_to_sync(get_channel_layer().group_send)(processes.group(world.vs.pk), {
             "type": "processes.rows", "vserver": world.vs.pk, "source": "elsewhere",
-            "running": True, "rows": [], "total": 0, "usage": None, "error": None, "ts": 0})
+            "running": True, "rows": [], "total": 7, "usage": None, "error": None, "ts": 0})
 
     async def go() -> None:
-        async with agentfake.serve(socket) as agent:
-            agent.set("shop", wire.STATE_RUNNING, 49152, 4242)
-            page, _ = await connect(f"/ws/vservers/{world.vs.pk}/", cookie)
-            await page.send_json_to({"type": "watch-processes"})
-            await messages_until(page, is_rows)
-            await sync(foreign_rows)()
-            msg = await page.receive_json_from(timeout=3)
-            assert msg["total"] == 2  # the next list of its own, not the foreign one
-            # Membership gone, behind the signals' back: the next list finds out.
-            from panel.guests import signals
+        page, _ = await connect(f"/ws/vservers/{world.vs.pk}/", cookie)
+        await page.send_json_to({"type": "watch-processes"})
+        got = await messages_until(page, is_own)
+        assert "agent" in got[-1]["error"] and got[-1]["running"] is None
+        await sync(foreign_rows)()
+        for _ in range(3):  # its own lists go on; the foreign one never comes
+            msg = await page.receive_json_from()
+            assert is_own(msg) and msg["total"] == 0, msg
+        # Membership gone, behind the signals' back: the next list finds out.
+        from panel.guests import signals
 
-            real, signals._tell = signals._tell, lambda *a: None
-            try:
-                await sync(lambda: Membership.objects.filter(
-                    user=world.users["alice"]).delete())()
-                assert await closed_with(page, connect=False) == (consumers.CLOSE_MISSING,
-                                                                  "no such vserver")
-            finally:
-                signals._tell = real
-            await settle(lambda: agent.bus.listeners() == 0)
+        real, signals._tell = signals._tell, lambda *a: None
+        try:
+            await sync(lambda: Membership.objects.filter(
+                user=world.users["alice"]).delete())()
+            assert await closed_with(page, connect=False) == (consumers.CLOSE_MISSING,
+                                                              "no such vserver")
+        finally:
+            signals._tell = real
+        # Its leaving ended the stream: nobody else watched.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while watcher.tasks():
+            assert loop.time() < deadline, "the stream outlived its last page"
+            await asyncio.sleep(0.02)
+        assert watcher.watchers(world.vs.pk) == 0
 
     run(go)
 
@@ -206,3 +104,94 @@ def test_the_dashboard_does_not_do_processes(world: World) -> None:
 
     run(go)
     assert Host.objects.count() == 1
+
+
+# --- usage from the agent's answers ------------------------------------------------------
+
+def usage_reply(cpu_seconds: float | None, uptime: float, memory: int | None = 50 << 20,
+                procs: int = 3, disk: int | None = None) -> dict[str, Any]:
+    return {"name": "shop", "context": 49152, "cgroup": "vpanel/shop", "processes": procs,
+            "cpu_seconds": cpu_seconds, "cpu_user_seconds": None, "cpu_system_seconds": None,
+            "memory_current": memory, "memory_peak": None, "net_rx_bytes": None,
+            "net_tx_bytes": None, "disk_used": disk, "uptime": uptime}
+
+
+def sums() -> dict[str, Any]:
+    """A list's sums, as processes._rows makes them: 2 processes, 12.5 % of a CPU."""
+    return {"processes": 2, "cpu": 12.5, "mem": 2.1, "rss": 22020096, "memory": None,
+            "disk": None}
+
+
+def test_usage_takes_the_cgroups_figures_and_cpu_from_its_time_between_two_looks() -> None:
+    replies = iter([usage_reply(10.0, 100.0), usage_reply(11.5, 102.0),
+                    usage_reply(11.5, 1.0)])  # the last: restarted meanwhile
+    asked: list[str] = []
+
+    def agent(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        if request.url.path.endswith("/quota"):
+            return httpx.Response(200, json={"name": "shop", "mode": "btrfs-qgroup",
+                                             "used": 300 << 20, "limit": 1 << 30})
+        return httpx.Response(200, json=next(replies))
+
+    async def go() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(agent),
+                                     base_url="http://agent") as http:
+            u = processes._Usage(http, "shop")
+            out = []
+            for _ in range(3):
+                figures = sums()
+                await u.fill(figures)
+                out.append(figures)
+            return out
+
+    first, second, third = asyncio.run(go())
+    # The first look: the cgroup's memory and count, the rows' CPU (no earlier look).
+    assert first == {**sums(), "processes": 3, "memory": 50 << 20, "disk": 300 << 20}
+    # Then 1.5 CPU seconds in 2 seconds: 75 % of one CPU, whatever the rows summed.
+    assert second["cpu"] == 75.0
+    # A guest that restarted has no earlier look to compare with.
+    assert third["cpu"] == 12.5
+    # The disk, a qgroup query, once; the usage at each list.
+    assert asked.count("/1.0/guests/shop/quota") == 1
+    assert asked.count("/1.0/guests/shop/usage") == 3
+
+
+def test_an_agent_that_counts_the_disk_with_the_usage_is_not_asked_for_the_quota() -> None:
+    asked: list[str] = []
+
+    def agent(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        return httpx.Response(200, json=usage_reply(1.0, 10.0, disk=7 << 20))
+
+    async def go() -> dict[str, Any]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(agent),
+                                     base_url="http://agent") as http:
+            figures = sums()
+            await processes._Usage(http, "shop").fill(figures)
+            return figures
+
+    assert asyncio.run(go())["disk"] == 7 << 20
+    assert asked == ["/1.0/guests/shop/usage"]
+
+
+def test_an_agent_that_cannot_say_the_usage_leaves_the_rows_sums_and_is_asked_later() -> None:
+    asked: list[str] = []
+
+    def agent(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.path)
+        return httpx.Response(409, text=json.dumps({"error": "shop is not running"}))
+
+    async def go() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(agent),
+                                     base_url="http://agent") as http:
+            u = processes._Usage(http, "shop")
+            out = []
+            for _ in range(2):
+                figures = sums()
+                await u.fill(figures)
+                out.append(figures)
+            return out
+
+    assert asyncio.run(go()) == [sums(), sums()]
+    assert asked == ["/1.0/guests/shop/usage"]  # not again before USAGE_RETRY

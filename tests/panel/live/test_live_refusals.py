@@ -152,9 +152,11 @@ def test_a_lost_membership_closes_the_vserver_page_and_empties_the_dashboard(
         await sync(lambda: Membership.objects.filter(user=world.users["alice"]).delete())()
         assert await closed_with(page, connect=False) == (consumers.CLOSE_MISSING,
                                                           "no such vserver")
-        # The dashboard stays (a user with no customer has one too), without the vserver.
-        got = await messages_until(dash, lambda m: m["type"] == "deleted")
-        assert got[-1]["vserver"] == {"id": world.vs.pk}
+        # The dashboard stays (a user with no customer has one too), without the vserver
+        # and without the customer's usage bars.
+        got = await messages_until(dash, lambda m: m["type"] == "plan")
+        assert next(m for m in got if m["type"] == "deleted")["vserver"] == {"id": world.vs.pk}
+        assert got[-1]["plan"] == {"customer": world.a.pk, "bars": None}
         # Its events no longer reach it.
         await sync(events.vserver_changed)(world.vs.pk)
         await no_message(dash)
