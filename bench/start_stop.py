@@ -37,6 +37,8 @@ def _ms(t0: float) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--idmap", choices=("none", "isolated"), default="none",
+                    help="IDMAP of the guest: isolated starts it in a user namespace of its own")
     args = ap.parse_args()
     if args.runs < 1:
         ap.error("--runs must be at least 1")
@@ -50,7 +52,7 @@ def main() -> int:
 
     name = "bench"
     with bench_roots("bench") as paths:
-        guest.build(paths, name, guest.BuildOptions(method="busybox"))
+        guest.build(paths, name, guest.BuildOptions(method="busybox", idmap=args.idmap))
         root = paths.root(name)
         for link in (root / "etc/rc3.d").iterdir():
             link.unlink()

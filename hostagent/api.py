@@ -221,6 +221,65 @@ async def exec_in(request: web.Request) -> web.Response:
     return _operation_reply(await agent.exec(name, req))
 
 
+async def reset_guest(request: web.Request) -> web.Response:
+    """POST /1.0/guests/NAME/reset: back to its template, but for the paths to keep."""
+    agent = request.app[AGENT_KEY]
+    name = _name(request)
+    body = await _body(request) if request.can_read_body else {}
+    return _operation_reply(await agent.reset(name, wire.ResetRequest.from_json(body)))
+
+
+async def archive(request: web.Request) -> web.StreamResponse:
+    """GET /1.0/guests/NAME/archive?path=P&max_bytes=N: a tar of P, made inside the guest.
+
+    The headers go out with tar's first bytes, so a tar that fails before it
+    writes anything (no such path) is an ordinary JSON error. Once the body
+    has begun, an archive that is not whole (cut at max_bytes, or tar failed
+    half-way) ends without the chunked encoding's last chunk: the connection
+    is closed and the client sees an incomplete body, never a short archive
+    that looks whole. X-Operation names the operation with the outcome.
+    """
+    from hostagent.archive import ArchiveFailed
+
+    agent = request.app[AGENT_KEY]
+    name = _name(request)
+    req = wire.ArchiveRequest.from_query(request.query.items())
+    async with agent.archive_slots:
+        stream, op = await agent.archive(name, req)
+        resp: web.StreamResponse | None = None
+
+        def alive() -> bool:
+            return request.transport is not None and not request.transport.is_closing()
+
+        try:
+            chunk = await stream.next(alive)
+            if chunk is None:
+                await op.done.wait()
+                if op.state != wire.OP_SUCCESS:
+                    if isinstance(op.exc, ArchiveFailed):
+                        raise ApiError(404 if op.exc.missing else 422, str(op.exc), "path")
+                    raise ApiError(409, op.error or f"operation {op.id} is {op.state}", "name")
+            resp = web.StreamResponse(headers={
+                "Content-Type": "application/x-tar", "Cache-Control": "no-cache",
+                "X-Archive-Limit": str(req.max_bytes), "X-Operation": op.id})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            while chunk is not None:
+                await resp.write(chunk)
+                chunk = await stream.next(alive)
+            await op.done.wait()
+            if op.state == wire.OP_SUCCESS and not (op.result or {}).get("truncated"):
+                await resp.write_eof()
+            elif request.transport is not None:
+                request.transport.close()  # flushes what was written, then no last chunk
+            return resp
+        except ConnectionError:  # the client went away
+            return resp if resp is not None else web.StreamResponse()
+        finally:
+            if not op.done.is_set():
+                stream.cancel()
+
+
 async def open_console(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
     name = _name(request)
@@ -266,6 +325,22 @@ async def processes(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
     return _json([u.to_json() for u in await agent.stats()])
+
+
+async def guest_usage(request: web.Request) -> web.Response:
+    """GET /1.0/guests/NAME/usage: one running guest's GET /1.0/stats row, for a
+    client that watches one guest (the panel's vserver page) rather than the host."""
+    from hostagent import usage
+
+    agent = request.app[AGENT_KEY]
+    name = _name(request)
+    if not agent.paths.conf(name).exists():
+        raise ApiError(404, f"no vserver {name}", "name")
+    u = await asyncio.get_running_loop().run_in_executor(None, usage.usage_of, agent.paths,
+                                                         name)
+    if u is None:
+        raise ApiError(409, f"{name} is not running", "name")
+    return _json(wire.Usage.from_json(u.as_dict()).to_json())
 
 
 async def quota_all(request: web.Request) -> web.Response:
@@ -397,7 +472,10 @@ def make_app(agent: Agent) -> web.Application:
     r.add_put(f"{V}/guests/{{name}}/config", put_config)
     r.add_put(f"{V}/guests/{{name}}/state", change_state)
     r.add_post(f"{V}/guests/{{name}}/exec", exec_in)
+    r.add_post(f"{V}/guests/{{name}}/reset", reset_guest)
+    r.add_get(f"{V}/guests/{{name}}/archive", archive)
     r.add_get(f"{V}/guests/{{name}}/processes", processes)
+    r.add_get(f"{V}/guests/{{name}}/usage", guest_usage)
     r.add_post(f"{V}/guests/{{name}}/console", open_console)
     r.add_get(f"{V}/consoles", list_consoles)
     r.add_get(f"{V}/consoles/{{id}}", get_console)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 
@@ -121,6 +121,51 @@ class AgentClient:
             body["user"] = user
         return self._op(self.request("POST", f"/guests/{name}/exec", body))
 
+    def reset(self, name: str, keep: Iterable[str] = ()) -> wire.Operation:
+        """Reset stopped template guest NAME to its template, keeping KEEP (absolute paths
+        inside it, with all below them). The result: {"kept", "absent", "refused"}."""
+        return self._op(self.request("POST", f"/guests/{name}/reset", {"keep": list(keep)}))
+
+    def archive(self, name: str, path: str, *,
+                max_bytes: int = wire.ARCHIVE_DEFAULT_BYTES) -> Generator[bytes, None, None]:
+        """A tar of PATH, made inside running guest NAME, as an iterator of byte chunks.
+
+        The request is made at once, so a refusal (no such guest or path, a
+        private or stopped guest) raises AgentError here. An archive that
+        would pass MAX_BYTES raises AgentError(413, field "max_bytes") after
+        its first MAX_BYTES bytes; tar failing half-way raises AgentError(422).
+        The chunks before the error are a tar that is not whole. Iterate to
+        the end, or close() the iterator, to free the connection.
+        """
+        params = {"path": path, "max_bytes": str(max_bytes)}
+        req = self._http.build_request("GET", f"{V}/guests/{name}/archive", params=params)
+        resp = self._http.send(req, stream=True)
+        if resp.status_code >= 400:
+            try:
+                resp.read()
+            finally:
+                resp.close()
+            _raise(resp)
+        return self._archive_chunks(resp)
+
+    def _archive_chunks(self, resp: httpx.Response) -> Generator[bytes, None, None]:
+        try:
+            try:
+                yield from resp.iter_bytes()
+                return
+            except httpx.RemoteProtocolError:
+                pass  # no last chunk: the agent says the archive is not whole
+        finally:
+            resp.close()
+        op_id = resp.headers.get("X-Operation", "")
+        op = self.operation(op_id) if op_id else None
+        if op is not None and (op.result or {}).get("truncated"):
+            raise AgentError(413, "the archive is larger than max_bytes "
+                             f"({resp.headers.get('X-Archive-Limit')} bytes); it was cut "
+                             "there", "max_bytes")
+        raise AgentError(422, (op.error if op is not None else None)
+                         or "the archive ended before it was whole", "path")
+
     def processes(self, name: str) -> list[wire.ProcessRow]:
         return [wire.ProcessRow.from_json(r)
                 for r in self.request("GET", f"/guests/{name}/processes").json()]
@@ -210,6 +255,14 @@ class AgentClient:
             for line in resp.iter_lines():
                 if line:
                     yield wire.Event.from_json(json.loads(line))
+
+
+def _raise(resp: httpx.Response) -> NoReturn:
+    try:
+        err = resp.json()
+        raise AgentError(resp.status_code, str(err.get("error")), err.get("field"))
+    except ValueError:
+        raise AgentError(resp.status_code, resp.text[:200]) from None
 
 
 @contextlib.asynccontextmanager

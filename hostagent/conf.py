@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_PRIORITY",
     "DEFAULT_STOP_TIMEOUT",
     "FLAGS",
+    "IDMAP_MODES",
     "KNOWN_KEYS",
     "MAX_IPROOT",
     "NEW_FLAGS",
@@ -76,6 +77,9 @@ KNOWN_KEYS: tuple[str, ...] = (
     "NOFILE",
     "DISK_LIMIT",
     "DISK_LIMIT_MODE",
+    # A private range of host ids per guest (a user namespace), hostagent/idmap.py.
+    "IDMAP",
+    "IDMAP_BASE",
 )
 
 # The seed's context flags (chcontext --flag). `minit` was a pseudo-flag of
@@ -101,6 +105,12 @@ NICE_RANGE = (-20, 19)
 MAX_IPROOT = 16
 # __NEW_UTS_LEN in include/uapi/linux/utsname.h.
 UTS_LEN = 64
+# IDMAP: a private range of 65536 host ids, one range for every shared guest,
+# or none (guest root is host root, the seed's privileged mode).
+IDMAP_MODES = ("isolated", "shared", "none")
+# IDMAP_BASE: the first host id of the range, written by the agent; never one
+# of the host's own ids (below 100000), never reaching (uid_t)-1.
+IDMAP_BASE_RANGE = (100000, (1 << 32) - 1 - 65536)
 # A conf is a screenful of keys; a huge file is a mistake, not a guest.
 MAX_CONF_BYTES = 1 << 20
 
@@ -484,6 +494,8 @@ class GuestSettings:
     nofile: int | None = None  # RLIMIT_NOFILE of every guest process
     disk_limit: int | None = None  # bytes the guest itself may add (hostagent/quota.py)
     disk_limit_mode: str = "auto"  # auto (btrfs qgroup) or image (a loop-mounted ext4 image)
+    idmap: str = "none"  # isolated, shared or none (hostagent/idmap.py)
+    idmap_base: int | None = None  # first host id of the guest's range; None with IDMAP none
 
 
 def _valid_ifname(name: str) -> bool:
@@ -708,6 +720,7 @@ def settings(conf: GuestConf) -> GuestSettings:
             f"use {CONTEXT_RANGE[0]} to {CONTEXT_RANGE[1]}",
         )
     context = r.optional_integer("S_CONTEXT", CONTEXT_RANGE)
+    idmap, idmap_base = _idmap(r)
     return GuestSettings(
         hostname=_hostname(r),
         domainname=_domainname(r),
@@ -740,7 +753,16 @@ def settings(conf: GuestConf) -> GuestSettings:
         disk_limit=_size(r, "DISK_LIMIT", minimum=16 << 20),
         disk_limit_mode=r.optional("DISK_LIMIT_MODE", lambda v: v in ("auto", "image"),
                                    "auto or image") or "auto",
+        idmap=idmap,
+        idmap_base=idmap_base,
     )
+
+
+def _idmap(r: _Reader) -> tuple[str, int | None]:
+    mode = r.optional("IDMAP", lambda v: v in IDMAP_MODES, "isolated, shared or none") or "none"
+    base = r.optional_integer("IDMAP_BASE", IDMAP_BASE_RANGE)
+    # A base left beside IDMAP="none" names nothing the guest uses.
+    return mode, None if mode == "none" else base
 
 
 _LIMIT_KEYS = ("MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX",
@@ -852,6 +874,15 @@ _TEMPLATE: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
         ("MEMORY_LIMIT", "SWAP_LIMIT", "CPU_WEIGHT", "CPU_MAX", "PIDS_MAX", "IO_WEIGHT",
          "NOFILE", "DISK_LIMIT", "DISK_LIMIT_MODE"),
     ),
+    (
+        (
+            "User ids: isolated (guest ids 0..65535 are a private range of host ids, in a",
+            "user namespace), shared (one range for all shared guests) or none (guest root",
+            "is host root). IDMAP_BASE, the range's first host id, is the agent's record.",
+            "`vserver NAME set IDMAP isolated` on a stopped guest shifts its files once.",
+        ),
+        ("IDMAP", "IDMAP_BASE"),
+    ),
 )
 
 
@@ -879,6 +910,8 @@ def render_new(
     stop_timeout: int = DEFAULT_STOP_TIMEOUT,
     build_method: str = "",
     limit_values: dict[str, str] | None = None,
+    idmap: str = "none",
+    idmap_base: int | None = None,
 ) -> str:
     """Text of a fresh NAME.conf for `vserver build`, every known key with a comment.
 
@@ -908,6 +941,8 @@ def render_new(
         "BUILD_METHOD": build_method,
         **{key: "" for key in _LIMIT_KEYS},
         **{key.upper(): value for key, value in (limit_values or {}).items()},
+        "IDMAP": idmap,
+        "IDMAP_BASE": "" if idmap_base is None else str(idmap_base),
     }
     out = [
         "# Guest configuration, read by vserver(8) without a shell: only",

@@ -13,6 +13,13 @@ Starting PID 1 (launch_init):
        unshare(NEWCGROUP), mounts, pivot_root, names, limits, ceiling,
        seccomp, exec init
 
+With an id range (ContextSpec.idmap_base, NAME.conf IDMAP) the clone also
+carries NEWUSER, so the guest's user namespace owns all the others; B waits
+while the caller writes its uid_map and gid_map and sets its nice and
+rlimits, then becomes the namespace's root and mounts its tree from
+detached copies the caller made (_Trees), since guest root cannot walk the
+host paths above its root.
+
 B reports a failed step over a close-on-exec pipe; EOF without a message
 means the exec happened. Everything B set up lives in namespaces only B
 holds, so when B dies before the exec the kernel tears all of it down: no
@@ -50,8 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hostagent import caps as capmod
+from hostagent import idmap, seccomp, syscalls, ulimit
 from hostagent import lxcfs as lxcfsmod
-from hostagent import seccomp, syscalls, ulimit
 from hostagent.cgroup import Cgroup
 from hostagent.syscalls import (
     CLONE_NEWCGROUP,
@@ -76,6 +83,7 @@ __all__ = [
     "ContextSpec",
     "EnterRequest",
     "LaunchError",
+    "StopCopy",
     "Terminal",
     "copy_until_exit",
     "enter",
@@ -118,6 +126,10 @@ _INIT_CANDIDATES = (
 _STEP_PREFIX = b"FAIL "
 
 
+class StopCopy(Exception):
+    """Raised by a sink of copy_until_exit: kill the command now, take no more of it."""
+
+
 class LaunchError(RuntimeError):
     """A step of starting or entering a context failed; `step` names it."""
 
@@ -151,6 +163,10 @@ class ContextSpec:
     # The host directory of the guest's reboot socket (hostagent/rebootmgr.py),
     # bound read-only at /dev/.rebootmgr with /dev/reboot pointing into it.
     reboot_dir: Path | None = None
+    # IDMAP: the guest's ids 0..65535 are host ids IDMAP_BASE.., in a user
+    # namespace cloned with the others, so that it owns them all (hostagent/idmap.py).
+    # None: guest root is host root.
+    idmap_base: int | None = None
 
 
 # --- the guest's PID 1 ------------------------------------------------------
@@ -212,7 +228,23 @@ def _setup_proc(root: str, hideinfo: bool) -> None:
 def _setup_sys(root: str) -> None:
     sysdir = os.path.join(root, "sys")
     os.makedirs(sysdir, exist_ok=True)
-    syscalls.mount("sysfs", sysdir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    try:
+        syscalls.mount("sysfs", sysdir, "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except PermissionError:
+        # In a user namespace a new sysfs needs a network namespace that the
+        # user namespace owns (kobj_ns_current_may_mount); a guest on the
+        # host's network (IPROOT=ALL) gets a read-only copy of the host's.
+        fd = syscalls.open_tree("/sys", syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC
+                                | syscalls.AT_RECURSIVE)
+        try:
+            syscalls.mount_setattr(fd, recursive=True, attr_set=_RO_ATTRS)
+            syscalls.move_mount(fd, sysdir)
+        finally:
+            os.close(fd)
+
+
+_RO_ATTRS = (syscalls.MOUNT_ATTR_RDONLY | syscalls.MOUNT_ATTR_NOSUID | syscalls.MOUNT_ATTR_NODEV
+             | syscalls.MOUNT_ATTR_NOEXEC)
 
 
 def _setup_dev(root: str) -> None:
@@ -265,6 +297,15 @@ def _bind_reboot_dir(root: str, host_dir: str) -> None:
     syscalls.mount(host_dir, target, None, MS_BIND)
     syscalls.mount(None, target, None,
                    MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.symlink(f"{REBOOT_MOUNT}/reboot", os.path.join(root, "dev", "reboot"))
+
+
+def _attach_reboot_dir(root: str, tree: int) -> None:
+    """As _bind_reboot_dir, from a detached read-only copy the caller made
+    (_prepare_trees): a launcher in a user namespace cannot reach RUNDIR by path."""
+    target = os.path.join(root, "dev", REBOOT_MOUNT)
+    os.mkdir(target, 0o755)
+    syscalls.move_mount(tree, target)
     os.symlink(f"{REBOOT_MOUNT}/reboot", os.path.join(root, "dev", "reboot"))
 
 
@@ -339,6 +380,67 @@ def _mount_guest_tree(root: str, hideinfo: bool, lxcfs: Path | None,
     _mask(root)
 
 
+@dataclass(frozen=True)
+class _Trees:
+    """Detached copies of what a guest in a user namespace mounts from the host.
+
+    Its launcher is guest root from birth: it has no access to host paths
+    that only host root may search ($VSERVER_ROOTDIR is mode 000, RUNDIR
+    0700), and a descriptor the caller opened names a mount of the caller's
+    namespace, which mount(2) refuses. open_tree(OPEN_TREE_CLONE) copies of
+    them belong to no namespace until move_mount() attaches them, which the
+    launcher may do in its own.
+    """
+
+    root: int
+    reboot: int = -1
+
+    def fds(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.root, self.reboot) if fd >= 0)
+
+    def close(self) -> None:
+        for fd in self.fds():
+            os.close(fd)
+
+
+def _prepare_trees(spec: ContextSpec) -> _Trees | None:
+    if spec.idmap_base is None or spec.root is None:
+        return None
+    root = syscalls.open_tree(spec.root, syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC
+                              | syscalls.AT_RECURSIVE)
+    trees = _Trees(root)
+    try:
+        if spec.reboot_dir is not None:
+            reboot = syscalls.open_tree(spec.reboot_dir, syscalls.OPEN_TREE_CLONE
+                                        | syscalls.OPEN_TREE_CLOEXEC)
+            trees = _Trees(root, reboot)
+            syscalls.mount_setattr(reboot, attr_set=_RO_ATTRS)
+    except BaseException:
+        trees.close()
+        raise
+    return trees
+
+
+def _mount_guest_tree_from(trees: _Trees, hideinfo: bool, lxcfs: Path | None) -> None:
+    """_mount_guest_tree for a launcher in a user namespace; leaves it in the guest root.
+
+    The root's copy is attached over "/" of the launcher's own mount namespace
+    (nothing needs its path: the descriptor leads into it), then everything
+    else is mounted relative to it, and pivot_root(".", ".") takes it from there.
+    """
+    syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    syscalls.move_mount(trees.root, "/")
+    os.fchdir(trees.root)
+    _setup_proc(".", hideinfo)
+    _setup_sys(".")
+    _setup_dev(".")
+    if trees.reboot >= 0:
+        _attach_reboot_dir(".", trees.reboot)
+    if lxcfs is not None:
+        _bind_lxcfs(".", str(lxcfs))
+    _mask(".")
+
+
 def _mount_own_proc(hideinfo: bool) -> None:
     """chcontext without a root: the host's tree, but a /proc of the new PID namespace."""
     syscalls.mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -371,19 +473,25 @@ def _set_names(spec: ContextSpec) -> None:
         syscalls.setdomainname(spec.domainname)
 
 
-def _apply_limits(spec: ContextSpec) -> None:
+def _apply_limits(spec: ContextSpec, pid: int = 0) -> None:
+    """Nice and ulimits of PID (0: this process).
+
+    A guest's launcher in a user namespace has its capabilities there only,
+    and setpriority(2) below nice 0 wants CAP_SYS_NICE in the initial one:
+    its caller sets them from outside, before the launcher goes on.
+    """
     if spec.nice is not None:
-        syscalls.setpriority(syscalls.PRIO_PROCESS, 0, spec.nice)
+        syscalls.setpriority(syscalls.PRIO_PROCESS, pid, spec.nice)
         # RLIMIT_NICE = 20 - lowest nice allowed: the guest may go back down
         # to S_NICE but never below it (it has no CAP_SYS_NICE or
         # CAP_SYS_RESOURCE to get around the limit).
         # Raising a hard limit needs CAP_SYS_RESOURCE, which some hosts deny
         # even to root (reference/perf.md), so only ever lower it.
-        _soft, hard = syscalls.prlimit(0, resource.RLIMIT_NICE)
+        _soft, hard = syscalls.prlimit(pid, resource.RLIMIT_NICE)
         floor = 20 - spec.nice
         if hard == resource.RLIM_INFINITY or hard > floor:
-            syscalls.prlimit(0, resource.RLIMIT_NICE, (floor, floor))
-    ulimit.apply(spec.ulimits)
+            syscalls.prlimit(pid, resource.RLIMIT_NICE, (floor, floor))
+    ulimit.apply(spec.ulimits, pid)
 
 
 def _apply_ceiling(spec: ContextSpec) -> None:
@@ -440,7 +548,8 @@ def _write_uid_map(pid: int, uid: int, gid: int) -> None:
 
 
 def _init_child(spec: ContextSpec, argv: Sequence[str] | None, pipe_w: int,
-                keep_fds: Sequence[int], fail_at: str | None, go_r: int = -1) -> None:
+                keep_fds: Sequence[int], fail_at: str | None, go_r: int = -1,
+                trees: _Trees | None = None) -> None:
     """B: PID 1 of the new namespace. Never returns."""
     step = "mounts"
     try:
@@ -455,7 +564,11 @@ def _init_child(spec: ContextSpec, argv: Sequence[str] | None, pipe_w: int,
             # The guest's init leaves the caller's session and process group:
             # a Ctrl-C or a signal to the caller's job must not reach it.
             os.setsid()
-        if spec.root is not None:
+        if trees is not None:
+            _mount_guest_tree_from(trees, spec.hideinfo, spec.lxcfs)
+            checkpoint("pivot_root")
+            _switch_root(".")
+        elif spec.root is not None:
             _mount_guest_tree(str(spec.root), spec.hideinfo, spec.lxcfs, spec.reboot_dir)
             checkpoint("pivot_root")
             _switch_root(str(spec.root))
@@ -466,7 +579,8 @@ def _init_child(spec: ContextSpec, argv: Sequence[str] | None, pipe_w: int,
         if spec.namespaces & syscalls.CLONE_NEWNET:
             _loopback_up()
         checkpoint("limits")
-        _apply_limits(spec)
+        if spec.idmap_base is None:
+            _apply_limits(spec)  # else the caller has (launch_init)
         checkpoint("fds")
         # The small init runs a guest without fakeinit, and wraps chcontext's
         # command when there is no guest root to find an init in.
@@ -535,21 +649,33 @@ def launch_init(
         lxcfsmod.warn_absent()  # the guest starts all the same, with the host's /proc files
     if (argv is None and not spec.fakeinit) or (argv is not None and spec.root is None):
         _sealed_init()  # fail here, with a clear message, if the init is missing
+    # A user namespace: the caller's own ids (unprivileged chcontext), or the
+    # guest's range (IDMAP). Either way its maps are written from here while
+    # the child waits on SYNC.
+    userns = spec.userns or spec.idmap_base is not None
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
-    sync_r, sync_w = os.pipe2(os.O_CLOEXEC) if spec.userns else (-1, -1)
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC) if userns else (-1, -1)
     go_r, go_w = os.pipe2(os.O_CLOEXEC) if configure is not None else (-1, -1)
     flags = spec.namespaces & ~CLONE_NEWCGROUP
-    if spec.userns:
+    if userns:
+        # With the others in one clone, so the new user namespace owns them
+        # all (namespaces(7)): guest root's capabilities then reach its own
+        # mounts, network and names, and nothing of the host's.
         flags |= syscalls.CLONE_NEWUSER
     cg_fd = spec.cgroup.clone_fd() if spec.cgroup is not None else None
     join_fds = _open_join_files(spec)
+    trees = None
+    step = "mounts"
     try:
+        trees = _prepare_trees(spec)
+        step = "clone3"
         pid = syscalls.fork_into(flags, cg_fd)
     except OSError as e:
-        for fd in (st_r, st_w, sync_r, sync_w, go_r, go_w, -1 if cg_fd is None else cg_fd):
+        for fd in (st_r, st_w, sync_r, sync_w, go_r, go_w, -1 if cg_fd is None else cg_fd,
+                   *join_fds, *(trees.fds() if trees is not None else ())):
             if fd >= 0:
                 os.close(fd)
-        raise LaunchError("clone3", str(e)) from e
+        raise LaunchError(step, str(e)) from e
     if pid == 0:
         # B: PID 1 of the new namespaces. It never returns into the caller.
         step = "cgroup"
@@ -557,7 +683,7 @@ def launch_init(
             os.close(st_r)
             if go_w >= 0:
                 os.close(go_w)
-            if spec.userns:
+            if userns:
                 # The id map must be written from outside the new user
                 # namespace: wait until the parent has done it.
                 os.close(sync_w)
@@ -565,6 +691,9 @@ def launch_init(
                 os.read(sync_r, 1)
                 os.close(sync_r)
             step = "cgroup"
+            # Still host uid 0 here (the maps do not name it, the caller's
+            # cgroup.procs descriptors carry the caller's credentials): the
+            # moves below are allowed as they are for a privileged guest.
             if spec.cgroup is not None and cg_fd is None:
                 spec.cgroup.attach(0)  # a v1 host: no CLONE_INTO_CGROUP there
             _join(join_fds)
@@ -572,9 +701,12 @@ def launch_init(
                 # Only now, inside the guest's cgroup, so that it becomes the
                 # root of the guest's cgroup namespace.
                 syscalls.unshare(CLONE_NEWCGROUP)
+            if spec.idmap_base is not None:
+                step = "userns"
+                idmap.become_root()
         except BaseException as e:
             _fail(st_w, step, e)
-        _init_child(spec, argv, st_w, keep_fds, fail_at, go_r)
+        _init_child(spec, argv, st_w, keep_fds, fail_at, go_r, trees)
     os.close(st_w)
     if go_r >= 0:
         os.close(go_r)
@@ -582,15 +714,23 @@ def launch_init(
         os.close(cg_fd)
     for fd in join_fds:
         os.close(fd)
-    if spec.userns:
+    if trees is not None:
+        trees.close()
+    if userns:
         os.close(sync_r)
+        step = "userns"
         try:
-            _write_uid_map(pid, os.getuid(), os.getgid())
+            if spec.idmap_base is not None:
+                idmap.write_maps(pid, spec.idmap_base)
+                step = "limits"
+                _apply_limits(spec, pid)
+            else:
+                _write_uid_map(pid, os.getuid(), os.getgid())
             os.write(sync_w, b"1")
         except OSError as e:
             os.close(st_r)
             _reap_failed(pid)
-            raise LaunchError("userns", str(e)) from e
+            raise LaunchError(step, str(e)) from e
         finally:
             os.close(sync_w)
     config_error: BaseException | None = None
@@ -795,7 +935,7 @@ def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
         child_fds: list[int] = []
         if req.pty:
             step = "pty"
-            master, slave = _guest_pty(req.winsize)
+            master, slave = _guest_pty(req.winsize, spec.idmap_base)
             req = dataclasses.replace(req, stdio=(slave, slave, slave))
             routes, feed, child_fds = {master: 1}, master, [slave]
         elif req.stdio is None:
@@ -835,7 +975,8 @@ def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
     return 127
 
 
-def _guest_pty(winsize: tuple[int, int] | None = None) -> tuple[int, int]:
+def _guest_pty(winsize: tuple[int, int] | None = None,
+               idmap_base: int | None = None) -> tuple[int, int]:
     """A terminal pair from the guest's own devpts (we are in its mount namespace).
 
     The guest never gets the caller's terminal: a process holding the host's
@@ -845,6 +986,11 @@ def _guest_pty(winsize: tuple[int, int] | None = None) -> tuple[int, int]:
     fcntl.ioctl(master, syscalls.TIOCSPTLCK, struct.pack("i", 0))
     ptn = struct.unpack("I", fcntl.ioctl(master, syscalls.TIOCGPTN, b"\0" * 4))[0]
     slave = os.open(f"/dev/pts/{ptn}", os.O_RDWR | os.O_NOCTTY)
+    if idmap_base is not None:
+        # devpts gave it our uid, which the guest's map does not name (it
+        # would be nobody's there, and no chown inside could fix that): make
+        # it guest root's, the owner a terminal a guest opens itself has.
+        os.fchown(slave, idmap_base, -1)
     if winsize is not None:
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *winsize, 0, 0))
     elif os.isatty(0):
@@ -862,9 +1008,12 @@ def copy_until_exit(pid: int, sinks: dict[int, Callable[[bytes], None]],
     without blocking, so a command that neither reads its input nor stops
     writing its output cannot deadlock against us. After TIMEOUT seconds PID
     is killed. poll, not select: the agent may hold more than 1024 fds.
+    A sink that raises StopCopy has PID (and its children) killed at once;
+    nothing more is read, and the copy ends when PID has exited.
     """
     cfd = syscalls.pidfd_open(pid)
     sources = set(sinks)
+    stopped = False  # a sink raised StopCopy: read nothing more, wait for the exit
     pending = b""
     reading_stdin = feed >= 0
     close_feed = False  # our stdin ended: close FEED once PENDING is written
@@ -873,8 +1022,9 @@ def copy_until_exit(pid: int, sinks: dict[int, Callable[[bytes], None]],
         os.set_blocking(feed, False)
     try:
         while True:
-            masks = dict.fromkeys([cfd, *sources] + ([0] if reading_stdin and not pending
-                                                     else []), select.POLLIN)
+            masks = dict.fromkeys([cfd, *(() if stopped else sources)]
+                                  + ([0] if reading_stdin and not pending else []),
+                                  select.POLLIN)
             if pending:  # FEED may also be a source (a terminal): one mask for both
                 masks[feed] = masks.get(feed, 0) | select.POLLOUT
             poller = select.poll()
@@ -911,23 +1061,27 @@ def copy_until_exit(pid: int, sinks: dict[int, Callable[[bytes], None]],
                         # A terminal (FEED is also a source) is not closed on
                         # our EOF; a pipe is, so the command sees its end.
                         close_feed = feed not in sources
-                elif fd in sources:
+                elif fd in sources and not stopped:
                     try:
                         data = os.read(fd, 65536)
                     except OSError:  # EIO: a terminal whose last user is gone
                         data = b""
-                    if data:
-                        sinks[fd](data)
-                    else:
+                    if not data:
                         sources.discard(fd)
+                        continue
+                    try:
+                        sinks[fd](data)
+                    except StopCopy:
+                        _kill_with_children(pid, cfd)
+                        stopped, deadline = True, None
             if close_feed and not pending and feed >= 0 and feed not in sources:
                 os.close(feed)
                 feed, close_feed = -1, False
             if cfd in ready:
                 break
-        for fd in sources:
+        for fd in () if stopped else sources:
             os.set_blocking(fd, False)
-            with contextlib.suppress(BlockingIOError, OSError):
+            with contextlib.suppress(BlockingIOError, OSError, StopCopy):
                 while data := os.read(fd, 65536):
                     sinks[fd](data)
     finally:
@@ -1033,9 +1187,15 @@ def _enter_grandchild(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
         _join([fd for fd in procs_fds if fd >= 0])
         if spec.namespaces & CLONE_NEWCGROUP:
             syscalls.setns(init_pidfd, CLONE_NEWCGROUP)
-        os.close(init_pidfd)
         step = "limits"
         _apply_limits(spec)
+        if spec.idmap_base is not None:
+            # Last of the namespaces, after what needs host privileges (nice
+            # below 0): from here on D is the guest's root, as its processes are.
+            step = "userns"
+            syscalls.setns(init_pidfd, syscalls.CLONE_NEWUSER)
+            idmap.become_root()
+        os.close(init_pidfd)
         # Always a session of its own: whatever the command leaves running
         # must not keep the caller's session or terminal.
         os.setsid()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import grp
 import hashlib
 import logging
@@ -34,6 +35,7 @@ from aiohttp import web
 from hostagent import conf as confmod
 from hostagent import guest, onboot, rebootmgr, recovery, syscalls, templates, wire
 from hostagent.api import ApiError, make_app
+from hostagent.archive import ArchiveStream
 from hostagent.cgroup import Cgroup
 from hostagent.consoles import Consoles
 from hostagent.events import EventBus
@@ -48,6 +50,9 @@ _T = TypeVar("_T")
 
 RESCAN_SECONDS = 2.0  # how often guests started outside the agent are looked for
 EXEC_OUTPUT_MAX = 1 << 20  # bytes of an exec's output kept in its result
+# Archives streaming at once; more wait their turn. Each holds an operation
+# worker thread for as long as its client takes, and the pool has 32.
+ARCHIVE_SLOTS = 8
 DEFAULT_GROUP = "vpanel"
 
 
@@ -72,6 +77,7 @@ class Agent:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.stopped = asyncio.Event()
+        self.archive_slots = asyncio.Semaphore(ARCHIVE_SLOTS)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -479,7 +485,7 @@ class Agent:
             method=req.method, source=source, hostname=req.hostname, ips=req.ips,
             caps=req.caps, flags=req.flags, nice=req.nice, ulimit=req.ulimit,
             onboot=req.onboot, context=req.context, description=req.description,
-            disk_limit=req.disk_limit, disk_image=req.disk_image)
+            disk_limit=req.disk_limit, disk_image=req.disk_image, idmap=req.idmap)
 
         def work(progress: Progress) -> dict[str, Any]:
             progress(5, "building the root tree")
@@ -571,6 +577,66 @@ class Agent:
         # Not serialised behind the guest's other operations: an exec does
         # not change the guest, and a long one must not hold up a stop.
         return self.ops.submit("exec", name, work, serialize=False).wire()
+
+    # --- reset to the template, archive of a path ---
+
+    async def reset(self, name: str, req: wire.ResetRequest) -> wire.Operation:
+        """Empty a stopped template guest's own layer but for REQ.keep (guest.reset)."""
+        self._exists(name)
+        await self._in_thread(self._check_resettable, name)
+
+        def work(progress: Progress) -> dict[str, Any]:
+            progress(10, "emptying the guest's own layer")
+            return guest.reset(self.paths, name, req.keep).as_dict()
+
+        return self.ops.submit("reset", name, work, journal={"keep": list(req.keep)},
+                               on_done=self._lifecycle_done(name, wire.EVENT_GUEST_RESET)
+                               ).wire()
+
+    def _check_resettable(self, name: str) -> None:
+        """The clear refusals, before an operation is queued (it checks again, locked)."""
+        try:
+            s = self._settings(name)
+        except (confmod.ConfigError, OSError) as e:
+            raise ApiError(409, f"{name}.conf cannot be read: {e}", "name") from e
+        if templates.template_of(s.build_method) is None \
+                or not templates.is_unified(self.paths, name):
+            raise ApiError(409, f"{name} was not built on a template: reset needs a template "
+                           "guest", "name")
+        state = self._state_of(name)
+        if state != wire.STATE_STOPPED:
+            raise ApiError(409, f"{name} is {state}: stop it before a reset", "name")
+
+    async def archive(self, name: str, req: wire.ArchiveRequest
+                      ) -> tuple[ArchiveStream, Operation]:
+        """Start tar inside NAME for REQ.path; its bytes come through the stream.
+
+        Hold archive_slots while it runs. Not serialised behind the guest's other
+        operations (a read, like an exec): a stop kills the tar with the rest.
+        """
+        self._exists(name)
+        await self._in_thread(self._check_archivable, name)
+        stream = ArchiveStream(self.loop, req.max_bytes)
+
+        def work(_p: Progress) -> dict[str, Any]:
+            return stream.run(functools.partial(guest.exec_in, self.paths, name), req.path)
+
+        op = self.ops.submit("archive", name, work, serialize=False)
+        if op.task is not None:
+            op.task.add_done_callback(lambda _t: stream.close())
+        return stream, op
+
+    def _check_archivable(self, name: str) -> None:
+        try:
+            s = self._settings(name)
+        except (confmod.ConfigError, OSError) as e:
+            raise ApiError(409, f"{name}.conf cannot be read: {e}", "name") from e
+        if "private" in s.flags:
+            raise ApiError(409, f"{name} has the 'private' flag: the host may not read "
+                           "files inside it", "name")
+        if not guest.running(self.paths, name):
+            raise ApiError(409, f"{name} is not running: an archive is made by tar inside "
+                           "the guest", "name")
 
     # --- consoles ---
 

@@ -32,7 +32,18 @@ from typing import TYPE_CHECKING
 
 from hostagent import caps as capmod
 from hostagent import conf as confmod
-from hostagent import context, limits, procfs, quota, rebootmgr, seccomp, syscalls, templates
+from hostagent import (
+    context,
+    idmap,
+    limits,
+    procfs,
+    projquota,
+    quota,
+    rebootmgr,
+    seccomp,
+    syscalls,
+    templates,
+)
 from hostagent.cgroup import Cgroup, cgroup_base, cgroup_of, tracking_hierarchy
 from hostagent.contexts import ContextInUse, ContextRegistry, ContextsExhausted
 from hostagent.names import check_name
@@ -79,13 +90,16 @@ class RunState:
     namespaces: int
     host_if: str = ""  # the host end of its veth pair, if it has addresses
     proxy6: tuple[tuple[str, str], ...] = ()  # (uplink, address) proxy NDP entries to remove
+    # The id range it runs with (IDMAP): first host id, None for guest root = host root.
+    idmap_base: int | None = None
 
     def dump(self) -> str:
         proxy6 = ",".join(f"{dev}/{addr}" for dev, addr in self.proxy6)
+        base = "" if self.idmap_base is None else self.idmap_base
         return (
             f"S_CONTEXT={self.context}\nINIT_PID={self.init_pid}\nINIT_START={self.init_start}\n"
             f"STARTED={self.started:.3f}\nCGROUP={self.cgroup}\nNAMESPACES={self.namespaces}\n"
-            f"HOST_IF={self.host_if}\nPROXY6={proxy6}\n"
+            f"HOST_IF={self.host_if}\nPROXY6={proxy6}\nIDMAP_BASE={base}\n"
         )
 
     @classmethod
@@ -104,6 +118,7 @@ class RunState:
                 (dev, addr) for dev, _, addr in
                 (item.partition("/") for item in kv.get("PROXY6", "").split(",") if item)
             ),
+            idmap_base=int(kv["IDMAP_BASE"]) if kv.get("IDMAP_BASE") else None,
         )
 
 
@@ -240,6 +255,7 @@ def spec_for(paths: Paths, name: str, s: confmod.GuestSettings,
         hideinfo="hideinfo" in s.flags,
         namespaces=namespaces,
         reboot_dir=rebootmgr.prepare(paths, name),
+        idmap_base=s.idmap_base,
     )
 
 
@@ -302,6 +318,7 @@ class BuildOptions:
     description: str | None = None
     disk_limit: str | None = None  # a size; needs $VSERVER_ROOTDIR on btrfs, or disk_image
     disk_image: bool = False  # DISK_LIMIT_MODE="image"
+    idmap: str = "none"  # IDMAP: isolated, shared or none (hostagent/idmap.py)
 
 
 def build(paths: Paths, name: str, opts: BuildOptions,
@@ -319,74 +336,109 @@ def build(paths: Paths, name: str, opts: BuildOptions,
         if not opts.source:
             raise GuestError("build -m template needs the template's name")
         check_name(opts.source)
+    if opts.idmap not in confmod.IDMAP_MODES:
+        raise GuestError(f"unknown IDMAP {opts.idmap!r}; use one of "
+                         + ", ".join(confmod.IDMAP_MODES))
     with _locked(paths, name):
-        conf_path, root = paths.conf(name), paths.root(name)
-        if conf_path.exists() or root.exists() or os.path.lexists(root):
-            raise GuestError(f"{name}: already exists ({conf_path} or {root})")
+        registry = idmap.RangeRegistry(paths)
         try:
-            text = confmod.render_new(
-                description=opts.description or "",
-                hostname=opts.hostname or name,
-                iproot=tuple(opts.ips),
-                onboot=opts.onboot,
-                context=opts.context,
-                nice=opts.nice,
-                caps=tuple(opts.caps),
-                caps_unsafe=opts.allow_unsafe_caps,
-                # The seed's template had "lock nproc"; nproc is the limits
-                # issue's, so a new guest gets the part that works today.
-                flags=tuple(opts.flags) if opts.flags else ("lock",),
-                ulimit=opts.ulimit or "",
-                build_method=opts.method + (f" {opts.source}" if opts.source else ""),
-                limit_values=({"DISK_LIMIT": opts.disk_limit,
-                               "DISK_LIMIT_MODE": "image" if opts.disk_image else ""}
-                              if opts.disk_limit else None),
-            )
-            settings = confmod.settings(confmod.GuestConf.parse(text, str(conf_path)))
-        except (confmod.ConfigError, capmod.CapabilityError, ValueError) as e:
-            raise GuestError(str(e)) from e
-        _check_addresses_free(paths, name, opts.ips)
-        by_image = settings.disk_limit is not None and settings.disk_limit_mode == "image"
-        if by_image and opts.method == templates.TEMPLATE_METHOD:
-            raise GuestError(f"{name}: a unified guest's disk limit is a btrfs qgroup; "
-                             'DISK_LIMIT_MODE="image" is for plain guests')
-        if settings.disk_limit is not None and not by_image:
-            why = quota.support(paths.rootdir)
-            if why is not None:
-                raise GuestError(f"{name}: DISK_LIMIT cannot be enforced: {why}; or set "
-                                 'DISK_LIMIT_MODE="image" for a fixed-size image of its own')
-        _sweep_stale_builds(paths, name)
-        try:
-            limited = settings.disk_limit is not None and not by_image
-            if opts.method == templates.TEMPLATE_METHOD:
-                templates.build_guest(paths, name, opts.source or "", subvolume=limited)
-                own = templates.overlay_dirs(paths, name)[0].parent
-            else:
-                buildmod.build_root(root, opts.method, opts.source, log=log)
-                if limited:
-                    _into_subvolume(root)
-                elif by_image and settings.disk_limit is not None:
-                    quota.move_into_image(root, quota.image_path(paths.rootdir, name),
-                                          settings.disk_limit)
-                own = root
-            if limited:
-                quota.set_limit(own, settings.disk_limit)
-            checkpoint("build:tree")
-        except (buildmod.BuildError, templates.TemplateError, quota.QuotaError, OSError) as e:
-            with contextlib.suppress(Exception):
-                _remove_tree(paths, name)
-            raise GuestError(f"{name}: build failed: {e}") from e
-        try:
-            conf_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = conf_path.with_name(f".{conf_path.name}.new")
-            tmp.write_text(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, conf_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            _build_locked(paths, name, opts, log, registry)
+        finally:
+            # NAME.conf records the range now, or the build failed.
+            registry.release(name)
+
+
+def _build_locked(paths: Paths, name: str, opts: BuildOptions, log: Callable[[str], None],
+                  registry: idmap.RangeRegistry) -> None:
+    from hostagent import build as buildmod
+
+    conf_path, root = paths.conf(name), paths.root(name)
+    if conf_path.exists() or root.exists() or os.path.lexists(root):
+        raise GuestError(f"{name}: already exists ({conf_path} or {root})")
+    try:
+        base = None if opts.idmap == idmap.NONE else registry.allocate(name, opts.idmap)
+    except idmap.IdmapError as e:
+        raise GuestError(f"{name}: {e}") from e
+    try:
+        text = confmod.render_new(
+            description=opts.description or "",
+            hostname=opts.hostname or name,
+            iproot=tuple(opts.ips),
+            onboot=opts.onboot,
+            context=opts.context,
+            nice=opts.nice,
+            caps=tuple(opts.caps),
+            caps_unsafe=opts.allow_unsafe_caps,
+            # The seed's template had "lock nproc"; nproc is the limits
+            # issue's, so a new guest gets the part that works today.
+            flags=tuple(opts.flags) if opts.flags else ("lock",),
+            ulimit=opts.ulimit or "",
+            build_method=opts.method + (f" {opts.source}" if opts.source else ""),
+            limit_values=({"DISK_LIMIT": opts.disk_limit,
+                           "DISK_LIMIT_MODE": "image" if opts.disk_image else ""}
+                          if opts.disk_limit else None),
+            idmap=opts.idmap,
+            idmap_base=base,
+        )
+        settings = confmod.settings(confmod.GuestConf.parse(text, str(conf_path)))
+    except (confmod.ConfigError, capmod.CapabilityError, ValueError) as e:
+        raise GuestError(str(e)) from e
+    _check_addresses_free(paths, name, opts.ips)
+    by_image = settings.disk_limit is not None and settings.disk_limit_mode == "image"
+    if by_image and opts.method == templates.TEMPLATE_METHOD:
+        raise GuestError(f"{name}: a unified guest's disk limit is a btrfs qgroup or a project "
+                         'quota; DISK_LIMIT_MODE="image" is for plain guests')
+    project = None  # the project id of a DISK_LIMIT kept by project quota (projquota)
+    if settings.disk_limit is not None and not by_image:
+        how, why = quota.method(paths.rootdir)
+        if why is not None:
+            raise GuestError(f"{name}: DISK_LIMIT cannot be enforced: {why}; or set "
+                             'DISK_LIMIT_MODE="image" for a fixed-size image of its own')
+        if how == quota.PROJECT_QUOTA:
+            try:
+                text, project = projquota.for_build(paths, name, text)
+            except (projquota.ProjQuotaError, confmod.ConfigError, OSError) as e:
+                raise GuestError(f"{name}: DISK_LIMIT cannot be enforced: {e}") from e
+    _sweep_stale_builds(paths, name)
+    try:
+        limited = settings.disk_limit is not None and not by_image
+        qgroup = limited and project is None
+        if opts.method == templates.TEMPLATE_METHOD:
+            templates.build_guest(paths, name, opts.source or "", subvolume=qgroup,
+                                  idmap_base=base)
+            own = templates.overlay_dirs(paths, name)[0].parent
+        else:
+            buildmod.build_root(root, opts.method, opts.source, log=log)
+            if base is not None:
+                # Once, here: the tree becomes the range's, guest root's "/" included.
+                idmap.shift_tree(root, 0, base, log)
+            if qgroup:
+                _into_subvolume(root)
+            elif by_image and settings.disk_limit is not None:
+                quota.move_into_image(root, quota.image_path(paths.rootdir, name),
+                                      settings.disk_limit)
+            own = root
+        if project is not None:
+            quota.assign_project(own, project)
+        if limited:
+            quota.set_limit(own, settings.disk_limit)
+        checkpoint("build:tree")
+    except (buildmod.BuildError, templates.TemplateError, quota.QuotaError, idmap.IdmapError,
+            OSError) as e:
+        with contextlib.suppress(Exception):
             _remove_tree(paths, name)
-            raise
+        raise GuestError(f"{name}: build failed: {e}") from e
+    try:
+        conf_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = conf_path.with_name(f".{conf_path.name}.new")
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, conf_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        _remove_tree(paths, name)
+        raise
 
 
 def _remove_tree(paths: Paths, name: str) -> None:
@@ -395,6 +447,7 @@ def _remove_tree(paths: Paths, name: str) -> None:
 
     root = paths.root(name)
     image = quota.image_path(paths.rootdir, name)
+    project = quota.project_of(projquota.own_dir(paths, name))
     if templates.is_unified(paths, name):
         templates.remove_guest(paths, name)
     elif quota.is_subvolume(root):
@@ -407,6 +460,12 @@ def _remove_tree(paths: Paths, name: str) -> None:
         image.unlink()
     else:
         buildmod.delete_root(root)
+    if project is not None:
+        # Its files are gone; its context number may be another guest's next
+        # (docs/storage.md). A limit left behind binds no file, and the next
+        # build with that id sets its own, so a failure here does not stop a delete.
+        with contextlib.suppress(quota.QuotaError):
+            quota.clear_project(paths.rootdir, project)
 
 
 def _sweep_stale_builds(paths: Paths, name: str) -> None:
@@ -443,10 +502,10 @@ def _into_subvolume(root: Path) -> None:
 
 
 def disk_of(paths: Paths, name: str) -> Path | None:
-    """The subvolume that holds what the guest itself wrote, if it has one."""
-    own = templates.overlay_dirs(paths, name)[0].parent if templates.is_unified(paths, name) \
-        else paths.root(name)
-    return own if quota.is_subvolume(own) else None
+    """The tree that holds what the guest itself wrote, if it has a disk limit of its
+    own: a btrfs subvolume, or a project id of its own (XFS or ext4)."""
+    own = projquota.own_dir(paths, name)
+    return own if quota.has_own_limit(own) else None
 
 
 def delete(paths: Paths, name: str) -> None:
@@ -469,6 +528,7 @@ def delete(paths: Paths, name: str) -> None:
         for p in (conf_path, paths.state(name)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        idmap.end_shift(paths, name)
     with contextlib.suppress(FileNotFoundError):
         paths.lock(name).unlink()
 
@@ -513,13 +573,14 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
         if running(paths, name):
             raise GuestError(f"{name} is already running")
         s = _load_settings(paths, name)
+        _check_idmap(paths, name, s)
         root = paths.root(name)
         template = templates.template_of(s.build_method)
         image = quota.image_path(paths.rootdir, name)
         try:
             # After a host reboot the merged tree or the image is not mounted yet.
             if template is not None:
-                templates.mount_guest(paths, name, template)
+                templates.mount_guest(paths, name, template, s.idmap_base)
             elif image.exists():
                 quota.mount_image(image, root)
         except (templates.TemplateError, quota.QuotaError, OSError) as e:
@@ -573,7 +634,8 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
             checkpoint("start:launched")
             st = RunState(name, ctx, init_pid, procfs.start_time(init_pid) or 0, time.time(),
                           cg.relpath, spec.namespaces,
-                          net.host_if if net else "", net.proxy6() if net else ())
+                          net.host_if if net else "", net.proxy6() if net else (),
+                          spec.idmap_base)
             tmp = paths.state(name).with_suffix(".new")
             tmp.write_text(st.dump())
             os.replace(tmp, paths.state(name))
@@ -593,6 +655,24 @@ def start(paths: Paths, name: str, *, fail_at: str | None = None,
             undo.pop_all()
         registry.release(ctx)
         return st
+
+
+def _check_idmap(paths: Paths, name: str, s: confmod.GuestSettings) -> None:
+    """Refuse to start with files that are not the range's (an interrupted shift, a
+    range never given) or with a range another guest holds."""
+    pending = idmap.pending_shift(paths, name)
+    if pending is not None:
+        raise GuestError(f"{name}: a change of IDMAP to {pending.mode} was interrupted: run "
+                         f"`vserver {name} set IDMAP {pending.mode}` to finish it")
+    if s.idmap == idmap.NONE:
+        return
+    if s.idmap_base is None:
+        raise GuestError(f"{name}: IDMAP={s.idmap} without an IDMAP_BASE: `vserver {name} set "
+                         f"IDMAP {s.idmap}` gives it a range and shifts its files to it")
+    try:
+        idmap.RangeRegistry(paths).check(name, s.idmap, s.idmap_base)
+    except idmap.IdmapError as e:
+        raise GuestError(f"{name}: {e}") from e
 
 
 def _net_plan(paths: Paths, name: str, s: confmod.GuestSettings,
@@ -640,8 +720,13 @@ def _destroy_cgroup(cg: Cgroup) -> None:
 # --- enter, exec ---------------------------------------------------------------
 
 def _enter(st: RunState, spec: context.ContextSpec, req: context.EnterRequest,
-           output: Output = None, timeout: float | None = None) -> int:
-    """Run REQ in the guest; with OUTPUT, its stdout+stderr go there, stdin is empty."""
+           output: Output = None, timeout: float | None = None, errors: Output = None,
+           cancel: int = -1) -> int:
+    """Run REQ in the guest; with OUTPUT, its stdout+stderr go there, stdin is empty.
+
+    With ERRORS as well, stderr goes there instead. CANCEL (with OUTPUT): an fd
+    that becomes readable (a byte written to its pipe) to have the command killed.
+    """
     pidfd = syscalls.pidfd_open(st.init_pid)
     try:
         if procfs.start_time(st.init_pid) != st.init_start:
@@ -651,16 +736,23 @@ def _enter(st: RunState, spec: context.ContextSpec, req: context.EnterRequest,
         r, w = os.pipe2(os.O_CLOEXEC)
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         open_fds = [r, w, null]
+        er, ew = r, w
+        if errors is not None:
+            er, ew = os.pipe2(os.O_CLOEXEC)
+            open_fds += [er, ew]
 
         def pump(pid: int) -> None:
             # Only the child may hold the write end, or the reader never sees EOF.
-            for fd in (w, null):
+            for fd in {w, ew, null}:
                 os.close(fd)
                 open_fds.remove(fd)
-            context.copy_until_exit(pid, {r: output}, timeout=timeout)
+            sinks = {r: output, er: errors or output}
+            if cancel >= 0:
+                sinks[cancel] = _cancelled
+            context.copy_until_exit(pid, sinks, timeout=timeout)
 
         try:
-            req = dataclasses.replace(req, stdio=(null, w, w))
+            req = dataclasses.replace(req, stdio=(null, w, ew))
             return context.enter(pidfd, spec, req, on_child=pump)
         finally:
             for fd in open_fds:
@@ -684,22 +776,31 @@ def _refuse_private(name: str, s: confmod.GuestSettings, what: str) -> None:
 
 
 def exec_in(paths: Paths, name: str, argv: Sequence[str], *, user: str | None = None,
-            tty: bool = False, output: Output = None, timeout: float | None = None) -> int:
+            tty: bool = False, output: Output = None, timeout: float | None = None,
+            errors: Output = None, cancel: int = -1) -> int:
     """vserver NAME exec / suexec / enter: run ARGV inside, return its exit status.
 
     With OUTPUT and TIMEOUT, the command is killed after TIMEOUT seconds (exit 137).
+    With OUTPUT and ERRORS, stdout goes to OUTPUT and stderr to ERRORS. With OUTPUT,
+    OUTPUT or ERRORS raising context.StopCopy, or a byte arriving on the fd CANCEL,
+    kills the command at once (exit 137).
     """
     if not argv:
         raise GuestError("no command given")
     st, s = _running_state(paths, name)
     _refuse_private(name, s, "enter or exec in")
     spec = spec_for(paths, name, s, Cgroup(st.cgroup))
-    spec = dataclasses.replace(spec, namespaces=st.namespaces)
+    spec = dataclasses.replace(spec, namespaces=st.namespaces, idmap_base=st.idmap_base)
     req = context.EnterRequest(argv=list(argv), user=user, pty=tty)
     try:
-        return _enter(st, spec, req, output=output, timeout=timeout)
+        return _enter(st, spec, req, output=output, timeout=timeout, errors=errors,
+                      cancel=cancel)
     except context.LaunchError as e:
         raise GuestError(f"{name}: {e}") from e
+
+
+def _cancelled(_data: bytes) -> None:
+    raise context.StopCopy
 
 
 def _login_shell(root: Path) -> list[str]:
@@ -830,7 +931,7 @@ def open_console(paths: Paths, name: str, *, user: str | None = None, cols: int 
     st, s = _running_state(paths, name)
     _refuse_private(name, s, "open a console in")
     spec = spec_for(paths, name, s, Cgroup(st.cgroup))
-    spec = dataclasses.replace(spec, namespaces=st.namespaces)
+    spec = dataclasses.replace(spec, namespaces=st.namespaces, idmap_base=st.idmap_base)
     req = context.EnterRequest(argv=_login_shell(paths.root(name)), user=user, pty=True,
                                winsize=(rows, cols), env={"TERM": CONSOLE_TERM})
     pidfd = syscalls.pidfd_open(st.init_pid)
@@ -917,7 +1018,7 @@ def stop(paths: Paths, name: str, *, timeout: float | None = None,
         grace = float(s.stop_timeout if timeout is None else timeout)
         _run_hook(paths, name, "pre-stop")
         spec = spec_for(paths, name, s, Cgroup(st.cgroup))
-        spec = dataclasses.replace(spec, namespaces=st.namespaces)
+        spec = dataclasses.replace(spec, namespaces=st.namespaces, idmap_base=st.idmap_base)
         try:
             if grace > 0:
                 _shutdown(paths, name, st, spec, grace, output)
@@ -1017,10 +1118,25 @@ def set_key(paths: Paths, name: str, key: str, value: str) -> list[str]:
     check_name(name)
     if not key or not key.replace("_", "").isalnum() or not key.isupper():
         raise GuestError(f"invalid key {key!r}: NAME.conf keys are upper case, like MEMORY_LIMIT")
+    if key == "IDMAP_BASE":
+        raise GuestError("IDMAP_BASE is the agent's record of the guest's id range; "
+                         "set IDMAP instead (isolated, shared or none)")
     with _locked(paths, name):
         path = paths.conf(name)
         if not path.exists():
             raise GuestError(f"{name}: no such vserver ({path} does not exist)")
+        if key in ("S_CONTEXT", "IDMAP") and \
+                (project := quota.project_of(projquota.own_dir(paths, name))) is not None:
+            # A DISK_LIMIT kept by project quota: its id is the context id, and only
+            # a guest in a user namespace cannot change its files' id (projquota).
+            if key == "S_CONTEXT" and value != str(project):
+                raise GuestError(f"{name}'s S_CONTEXT {project} is the project id of its "
+                                 "DISK_LIMIT (a project quota): it cannot change")
+            if key == "IDMAP" and (value or idmap.NONE) == idmap.NONE:
+                raise GuestError(f"{name}'s DISK_LIMIT is a project quota, which does not hold "
+                                 'root of an IDMAP="none" guest (host root)')
+        if key == "IDMAP":
+            return [_change_idmap(paths, name, value or idmap.NONE)]
         try:
             conf = confmod.GuestConf.load(path)
             if value:
@@ -1047,6 +1163,12 @@ def set_key(paths: Paths, name: str, key: str, value: str) -> list[str]:
         st = read_state(paths, name)
         if st is None or not _alive(st):
             return [f"{key} saved; {name} is not running"]
+        previous = limits.load_applied(_limits_file(paths, name))
+        if key == "NOFILE":
+            nofile = limits.set_nofile(st.cgroup, *limits.nofile_from_settings(s))
+            limits.save_applied(_limits_file(paths, name),
+                                [a for a in previous if a.key != "NOFILE"] + [nofile])
+            return [nofile.text()]
         if key not in limits.LIVE_KEYS and not (key == "S_FLAGS" or key == "ULIMIT"):
             return [f"{key} saved; it takes effect at the next start of {name}"]
         lim = limits.limits_from_settings(s)
@@ -1054,10 +1176,85 @@ def set_key(paths: Paths, name: str, key: str, value: str) -> list[str]:
         gcg.create()
         gcg.adopt(Cgroup(st.cgroup).procs())
         applied = gcg.apply(lim)
-        if key in limits.LIVE_KEYS and not value:
-            applied.append(gcg.clear(key))
-        limits.save_applied(_limits_file(paths, name), applied)
+        lift = {key} if key in limits.LIVE_KEYS and not value else set()
+        if key in ("S_FLAGS", "ULIMIT"):
+            # Dropping `nproc` (or ULIMIT's -u) or `sched` lifts what it imposed.
+            lift |= {"PIDS_MAX", "CPU_WEIGHT"}
+        for k in sorted(lift):
+            if not lim.holds(k):  # PIDS_MAX emptied under `nproc` keeps nproc's limit
+                lifted = gcg.clear(k)
+                if k == key or not lifted.enforced or limits.was_set(previous, k):
+                    applied.append(lifted)
+        limits.save_applied(_limits_file(paths, name),
+                            applied + [a for a in previous if a.key == "NOFILE"])
         return [a.text() for a in applied] or [f"{key} saved and applied"]
+
+
+def _change_idmap(paths: Paths, name: str, mode: str) -> str:
+    """IDMAP=MODE for stopped guest NAME: its files shifted once to the new range.
+
+    The bases go to a file beside NAME.conf before a file is touched, so an
+    interrupted shift is finished by the next try (the shift is idempotent),
+    and the start refuses a guest with one pending.
+    """
+    if mode not in confmod.IDMAP_MODES:
+        raise GuestError(f"IDMAP: {mode!r} is not one of " + ", ".join(confmod.IDMAP_MODES))
+    st = read_state(paths, name)
+    if st is not None and _alive(st):
+        raise GuestError(f"{name} is running: stop it before changing IDMAP (the owner of "
+                         "every file of the guest changes with it)")
+    s = _load_settings(paths, name)
+    pending = idmap.pending_shift(paths, name)
+    if pending is not None:
+        _shift_guest(paths, name, s, pending)
+        s = _load_settings(paths, name)
+    current = s.idmap_base or 0  # where the files are: 0 is the host's own ids
+    if mode == s.idmap and (mode == idmap.NONE or s.idmap_base is not None):
+        return f"IDMAP={mode}: unchanged"
+    registry = idmap.RangeRegistry(paths)
+    try:
+        new = 0 if mode == idmap.NONE else registry.allocate(name, mode)
+        shift = idmap.Shift(current, new, mode)
+        idmap.begin_shift(paths, name, shift)  # records NEW: the reservation may go
+    except (idmap.IdmapError, OSError) as e:
+        raise GuestError(f"{name}: {e}") from e
+    finally:
+        registry.release(name)
+    _shift_guest(paths, name, s, shift)
+    if not new:
+        return f"IDMAP=none: {name}'s files are owned by host ids again; guest root is host root"
+    return (f"IDMAP={mode}: {name}'s files now belong to host ids {new}..{new + idmap.RANGE - 1}"
+            " (guest ids 0..65535)")
+
+
+def _shift_guest(paths: Paths, name: str, s: confmod.GuestSettings, shift: idmap.Shift) -> None:
+    """Shift NAME's own files (a unified guest's upper layer: the template is
+    idmapped instead) per SHIFT, then record the new range in NAME.conf."""
+    template = templates.template_of(s.build_method)
+    root = paths.root(name)
+    image = quota.image_path(paths.rootdir, name)
+    try:
+        if template is not None:
+            templates.unmount_guest(paths, name)
+            idmap.shift_tree(templates.overlay_dirs(paths, name)[0], shift.old, shift.new)
+            templates.mount_guest(paths, name, template, shift.new or None)
+        else:
+            if image.exists():
+                quota.mount_image(image, root)
+            idmap.shift_tree(root, shift.old, shift.new)
+        conf = confmod.GuestConf.load(paths.conf(name))
+        conf.set("IDMAP", shift.mode)
+        if shift.new:
+            conf.set("IDMAP_BASE", str(shift.new))
+        else:
+            conf.unset("IDMAP_BASE")
+        confmod.settings(conf)
+        conf.save(paths.conf(name))
+    except (templates.TemplateError, quota.QuotaError, idmap.IdmapError, confmod.ConfigError,
+            OSError) as e:
+        raise GuestError(f"{name}: changing IDMAP to {shift.mode} stopped half-way ({e}); "
+                         f"`vserver {name} set IDMAP {shift.mode}` finishes it") from e
+    idmap.end_shift(paths, name)
 
 
 # --- status -------------------------------------------------------------------
@@ -1080,6 +1277,7 @@ class Status:
     shared_network: bool = False  # IPROOT="ALL": the seed's unrestricted guest
     limits: tuple[str, ...] = ()  # each limit, and whether and how it is enforced
     disk: str | None = None  # "used of limit", where the guest has its own subvolume
+    idmap: str | None = None  # its id range, if it has one (IDMAP)
 
     def text(self) -> str:
         if not self.running:
@@ -1097,6 +1295,8 @@ class Status:
         lines.extend(f"Limit {line}" for line in self.limits)
         if self.disk:
             lines.append(f"Disk: {self.disk}")
+        if self.idmap:
+            lines.append(f"User ids: {self.idmap}")
         if self.unenforced:
             lines.append("Flags not enforced on this host yet: " + " ".join(self.unenforced))
         return "\n".join(lines)
@@ -1115,7 +1315,7 @@ def _disk_text(paths: Paths, name: str) -> str | None:
     except quota.QuotaError as e:
         return f"unknown ({e})"
     limit = "no limit" if u.limit is None else f"limit {u.limit >> 20} MiB"
-    return f"{u.exclusive >> 20} MiB of its own, {limit} (btrfs qgroup, exclusive bytes)"
+    return f"{u.exclusive >> 20} MiB of its own, {limit} ({u.how})"
 
 
 def format_uptime(seconds: float) -> str:
@@ -1139,7 +1339,13 @@ def status(paths: Paths, name: str) -> Status:
                   tuple(str(confmod.parse_ip_token(t).address) for t in s.iproot),
                   s.iproot_unrestricted,
                   tuple(a.text() for a in limits.load_applied(_limits_file(paths, name))),
-                  _disk_text(paths, name))
+                  _disk_text(paths, name), _idmap_text(st.idmap_base, s.idmap))
+
+
+def _idmap_text(base: int | None, mode: str) -> str | None:
+    if base is None:
+        return None
+    return f"{mode}, guest 0..65535 = host {base}..{base + idmap.RANGE - 1}"
 
 
 # --- after a crash ----------------------------------------------------------------
@@ -1219,3 +1425,35 @@ def cleanup_after_exit(paths: Paths, name: str, init_pid: int) -> bool:
             return False
         _cleanup_stale(paths, name, st)
         return True
+
+
+# --- reset ---------------------------------------------------------------------
+
+def reset(paths: Paths, name: str, keep: Sequence[str] = ()) -> templates.ResetResult:
+    """vserver NAME reset: a stopped template guest back to its template, but for KEEP.
+
+    KEEP: absolute paths inside the guest (wire.check_guest_path rules), kept
+    with everything below them; templates.reset_upper has the rules. Its disk
+    limit (the qgroup of its own layer's subvolume) stays as it was.
+    """
+    from hostagent import build as buildmod
+
+    check_name(name)
+    with _locked(paths, name):
+        s = _load_settings(paths, name)
+        template = templates.template_of(s.build_method)
+        if template is None or not templates.is_unified(paths, name):
+            raise GuestError(f"{name} was not built on a template: reset needs a template "
+                             "guest (vserver NAME build -m template TEMPLATE)")
+        st = read_state(paths, name)
+        if st is not None and _alive(st):
+            raise GuestError(f"{name} is running: stop it before a reset")
+        try:
+            if st is not None:
+                _cleanup_stale(paths, name, st)  # died on its own: nothing of it may linger
+            templates.unmount_guest(paths, name)
+            result = templates.reset_upper(paths, name, tuple(keep), template=template)
+            templates.mount_guest(paths, name, template, s.idmap_base)
+        except (templates.TemplateError, buildmod.BuildError, OSError) as e:
+            raise GuestError(f"{name}: reset failed: {e}") from e
+        return result

@@ -27,10 +27,19 @@ import contextlib
 import errno
 import json
 import os
+import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hostagent.cgroup import Cgroup, CgroupError, Hierarchy, cgroup_mounts, tracking_hierarchy
+from hostagent import syscalls
+from hostagent.cgroup import (
+    Cgroup,
+    CgroupError,
+    Hierarchy,
+    cgroup_mounts,
+    cgroup_of,
+    tracking_hierarchy,
+)
 from hostagent.conf import GuestSettings
 
 __all__ = [
@@ -40,6 +49,9 @@ __all__ = [
     "GuestCgroups",
     "Limits",
     "limits_from_settings",
+    "nofile_from_settings",
+    "set_nofile",
+    "was_set",
 ]
 
 CFS_PERIOD_US = 100_000
@@ -71,6 +83,14 @@ class Limits:
         if self.io_weight is not None:
             wanted.add("io")
         return wanted
+
+    def holds(self, key: str) -> bool:
+        """Do these limits write KEY's cgroup file? `sched` writes CPU_WEIGHT's."""
+        if key == "CPU_WEIGHT":
+            return self.cpu_weight is not None or self.sched
+        field = {"MEMORY_LIMIT": self.memory, "SWAP_LIMIT": self.swap, "CPU_MAX": self.cpu_max,
+                 "PIDS_MAX": self.pids, "IO_WEIGHT": self.io_weight}[key]
+        return field is not None
 
 
 def limits_from_settings(s: GuestSettings) -> Limits:
@@ -355,3 +375,91 @@ def load_applied(path: Path) -> list[Applied]:
         return [Applied(**a) for a in json.loads(path.read_text())]
     except (OSError, ValueError, TypeError):
         return []
+
+
+def was_set(applied: list[Applied], key: str) -> bool:
+    """Did APPLIED (a start's or a set's) write a limit for KEY (`sched` one for CPU_WEIGHT)?"""
+    names = {key, "sched"} if key == "CPU_WEIGHT" else {key}
+    return any(a.key in names and a.wanted for a in applied)
+
+
+# --- NOFILE: an rlimit, not a cgroup file ------------------------------------------
+
+RLIM_INFINITY = (1 << 64) - 1  # rlim_t's RLIM_INFINITY (include/uapi/asm-generic/resource.h)
+
+
+def nofile_from_settings(s: GuestSettings) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE a process started in the guest now gets: NOFILE,
+    else ULIMIT's -n over the agent's own limit (what hostagent.context applies)."""
+    if s.nofile is not None:
+        return s.nofile, s.nofile
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for lim in s.ulimits:
+        if lim.resource == resource.RLIMIT_NOFILE:
+            soft = soft if lim.soft is None else lim.soft
+            hard = hard if lim.hard is None else lim.hard
+    soft, hard = (RLIM_INFINITY if v == resource.RLIM_INFINITY else v for v in (soft, hard))
+    return min(soft, hard), hard
+
+
+def set_nofile(relpath: str, soft: int, hard: int) -> Applied:
+    """RLIMIT_NOFILE of every process of the guest in cgroup RELPATH, now (prlimit(2)).
+
+    Processes started later get the value from NAME.conf. Passes repeat while
+    one finds a process the last did not reach: a child forked by a process
+    before that process was changed inherited the old limit. Raising a hard
+    limit needs CAP_SYS_RESOURCE in the host's user namespace, and so does
+    changing a process whose uids are not all the caller's
+    (kernel/sys.c, do_prlimit and check_prlimit_permission): a refusal is
+    reported, never hidden.
+    """
+    wanted = str(soft) if soft == hard else f"{soft}:{hard}"
+    track = tracking_hierarchy()
+    group = Cgroup(relpath, track)
+    seen: set[int] = set()
+    changed = 0
+    refused: dict[str, int] = {}
+    for _ in range(10):
+        new = [pid for pid in group.procs() if pid not in seen]
+        if not new:
+            break
+        seen.update(new)
+        for pid in new:
+            why = _prlimit_nofile(pid, relpath, track, soft, hard)
+            if why == "":
+                changed += 1
+            elif why is not None:
+                refused[why] = refused.get(why, 0) + 1
+    if refused:
+        reasons = "; ".join(f"{n} refused: {why}" for why, n in sorted(refused.items()))
+        hint = (" (raising a hard limit, or changing a process of another uid, needs "
+                "CAP_SYS_RESOURCE; they get it at the next start)"
+                if any("not permitted" in why for why in refused) else "")
+        return Applied("NOFILE", wanted, False,
+                       f"prlimit RLIMIT_NOFILE: {changed} processes changed, {reasons}{hint}")
+    return Applied("NOFILE", wanted, True, f"prlimit RLIMIT_NOFILE of {changed} processes")
+
+
+def _prlimit_nofile(pid: int, relpath: str, track: Hierarchy, soft: int,
+                    hard: int) -> str | None:
+    """Set and read back PID's RLIMIT_NOFILE: "" done, None gone, else why not.
+
+    The pid is checked to be the guest's after a pidfd pins its process: the
+    number came from cgroup.procs and may have gone to another process since.
+    """
+    try:
+        pidfd = syscalls.pidfd_open(pid)
+    except OSError:
+        return None  # exited
+    try:
+        where = cgroup_of(pid, track)
+        if where is None or not (where == relpath or where.startswith(relpath + "/")):
+            return None  # exited, and the number is another process's now
+        try:
+            syscalls.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            back = syscalls.prlimit(pid, resource.RLIMIT_NOFILE)
+        except OSError as e:
+            return None if e.errno == errno.ESRCH else (e.strerror or str(e))
+        return "" if back == (soft, hard) else f"reads back {back[0]}:{back[1]}"
+    finally:
+        os.close(pidfd)

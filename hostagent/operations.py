@@ -116,6 +116,7 @@ BUSY_STATE = {
     "stop": wire.STATE_STOPPING,
     "restart": wire.STATE_RESTARTING,
     "delete": wire.STATE_DELETING,
+    "reset": wire.STATE_STOPPED,  # a reset needs it stopped, and it stays so
 }
 # The lifecycle event sent when an operation of each kind begins.
 BEGIN_EVENT = {
@@ -124,6 +125,7 @@ BEGIN_EVENT = {
     "stop": wire.EVENT_GUEST_STOPPING,
     "restart": wire.EVENT_GUEST_RESTARTING,
     "delete": wire.EVENT_GUEST_DELETING,
+    "reset": wire.EVENT_GUEST_RESETTING,
 }
 
 

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from hostagent import idmap
 from hostagent.names import check_name
 from hostagent.paths import Paths
 from hostagent.syscalls import CLONE_NEWPID
@@ -213,6 +214,11 @@ def _listen(paths: Paths, name: str) -> tuple[socket.socket, tuple[int, int]]:
         try:
             sock.bind(f"/proc/self/fd/{dfd}/{_STAGING}")
             os.chmod(_STAGING, _SOCKET_MODE, dir_fd=dfd, follow_symlinks=False)
+            base = idmap.base_of(paths, name)
+            if base is not None:
+                # Guest root is host uid BASE in a guest with an id range (IDMAP),
+                # and connect(2) wants write permission on the socket: its owner.
+                os.chown(_STAGING, base, base, dir_fd=dfd, follow_symlinks=False)
             st = os.stat(_STAGING, dir_fd=dfd, follow_symlinks=False)
             sock.listen(_BACKLOG)
             sock.setblocking(False)

@@ -12,6 +12,8 @@ agent can start guests without a helper binary.
 Where the constants come from (Linux UAPI headers unless noted):
   CLONE_*             include/uapi/linux/sched.h
   MS_*, MNT_*         include/uapi/linux/mount.h
+  OPEN_TREE_*, MOVE_MOUNT_*, MOUNT_ATTR_*  include/uapi/linux/mount.h
+  AT_*                include/uapi/linux/fcntl.h
   PR_*                include/uapi/linux/prctl.h
   CAP version/structs include/uapi/linux/capability.h
   SECBIT_*            include/uapi/linux/securebits.h
@@ -21,6 +23,10 @@ Where the constants come from (Linux UAPI headers unless noted):
                       numbers >= 424 that every architecture shares)
   AUDIT_ARCH_*        include/uapi/linux/audit.h
   SCMP_*              libseccomp's <seccomp.h> (v2.5)
+  Q_*, QIF_*, PRJQUOTA, struct if_dqblk/if_dqinfo  include/uapi/linux/quota.h
+  Q_X*, FS_DQ_*, FS_QUOTA_*, struct fs_disk_quota/fs_quota_statv
+                      include/uapi/linux/dqblk_xfs.h
+  FS_IOC_FS[GS]ETXATTR, FS_XFLAG_*, struct fsxattr  include/uapi/linux/fs.h
 """
 
 from __future__ import annotations
@@ -49,13 +55,20 @@ __all__ = [
     "capset",
     "close_range",
     "fork_into",
+    "fsxattr_get",
+    "fsxattr_set",
     "ioctl_int",
     "mount",
+    "mount_setattr",
+    "move_mount",
+    "open_tree",
     "pidfd_open",
     "pidfd_send_signal",
     "pivot_root",
     "prctl",
     "prlimit",
+    "quota_struct",
+    "quotactl",
     "setdomainname",
     "sethostname",
     "setns",
@@ -102,6 +115,19 @@ MNT_FORCE = 1
 MNT_DETACH = 2
 MNT_EXPIRE = 4
 UMOUNT_NOFOLLOW = 8
+# The file-descriptor mount API (open_tree, move_mount, mount_setattr).
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
+MOUNT_ATTR_RDONLY = 0x00000001
+MOUNT_ATTR_NOSUID = 0x00000002
+MOUNT_ATTR_NODEV = 0x00000004
+MOUNT_ATTR_NOEXEC = 0x00000008
+MOUNT_ATTR_IDMAP = 0x00100000  # Linux 5.12: attach userns_fd's id mapping to the mount
+# --- include/uapi/linux/fcntl.h --------------------------------------------
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
 
 # --- include/uapi/linux/prctl.h -------------------------------------------
 PR_SET_PDEATHSIG = 1
@@ -136,13 +162,17 @@ PRIO_PGRP = 1
 PRIO_USER = 2
 
 # --- syscall numbers without a glibc 2.36 wrapper -------------------------
-# pidfd_*, clone3 (435), close_range and mount_setattr share one number on every
-# architecture (the unified table starting at 424); pivot_root does not.
+# pidfd_*, clone3 (435), close_range, open_tree, move_mount and mount_setattr
+# share one number on every architecture (the unified table starting at 424);
+# pivot_root does not.
 _SYS_COMMON = {
     "pidfd_send_signal": 424,
     "pidfd_open": 434,
     "close_range": 436,
+    "open_tree": 428,
+    "move_mount": 429,
     "mount_setattr": 442,
+    "quotactl_fd": 443,
 }
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
@@ -152,6 +182,8 @@ _ffi.cdef(
     typedef int pid_t;
     typedef unsigned int id_t;
     struct rlimit { unsigned long rlim_cur; unsigned long rlim_max; };
+    struct mount_attr { uint64_t attr_set; uint64_t attr_clr; uint64_t propagation;
+                        uint64_t userns_fd; };
     struct __user_cap_header_struct { uint32_t version; int pid; };
     struct __user_cap_data_struct { uint32_t effective; uint32_t permitted; uint32_t inheritable; };
 
@@ -242,11 +274,65 @@ def umount2(target: str | os.PathLike[str], flags: int = 0) -> None:
 def pivot_root(new_root: str | os.PathLike[str], put_old: str | os.PathLike[str]) -> None:
     """pivot_root(2); glibc has no wrapper, so it goes through syscall(2)."""
     nr = _ffi.cast("long", _syscall_number("pivot_root"))
+    c_new, c_old = _str(new_root), _str(put_old)  # held: see open_tree
     _check(
-        _libc.syscall(nr, _ffi.cast("char *", _str(new_root)), _ffi.cast("char *", _str(put_old))),
+        _libc.syscall(nr, _ffi.cast("char *", c_new), _ffi.cast("char *", c_old)),
         "pivot_root",
         os.fspath(new_root),
     )
+
+
+def open_tree(path: str | os.PathLike[str], flags: int, dirfd: int = AT_FDCWD) -> int:
+    """open_tree(2) (Linux 5.2): with OPEN_TREE_CLONE, a detached copy of the mount
+    at PATH (AT_RECURSIVE: with everything below it) held by the returned fd.
+
+    The copy belongs to no mount namespace until move_mount() attaches it, so a
+    process in another mount namespace (a guest's launcher) can attach a tree
+    that it could not reach by path itself.
+    """
+    nr = _ffi.cast("long", _syscall_number("open_tree"))
+    c_path = _str(path)  # held here: a cast pointer does not keep its memory alive
+    return int(_check(
+        _libc.syscall(nr, _ffi.cast("int", dirfd), _ffi.cast("char *", c_path),
+                      _ffi.cast("unsigned int", flags)),
+        "open_tree", os.fspath(path)))
+
+
+def move_mount(from_fd: int, to_path: str | os.PathLike[str], *, from_path: str = "",
+               to_fd: int = AT_FDCWD, flags: int = MOVE_MOUNT_F_EMPTY_PATH) -> None:
+    """move_mount(2) (Linux 5.2): attach the mount FROM_FD refers to (an open_tree
+    clone) at TO_PATH, relative to TO_FD."""
+    nr = _ffi.cast("long", _syscall_number("move_mount"))
+    c_from, c_to = _str(from_path), _str(to_path)  # held: see open_tree
+    _check(
+        _libc.syscall(nr, _ffi.cast("int", from_fd), _ffi.cast("char *", c_from),
+                      _ffi.cast("int", to_fd), _ffi.cast("char *", c_to),
+                      _ffi.cast("unsigned int", flags)),
+        "move_mount", os.fspath(to_path))
+
+
+def mount_setattr(fd: int, *, attr_set: int = 0, attr_clr: int = 0, userns_fd: int = -1,
+                  recursive: bool = False) -> None:
+    """mount_setattr(2) (Linux 5.12) on the mount FD refers to (AT_EMPTY_PATH).
+
+    MOUNT_ATTR_IDMAP with USERNS_FD makes an idmapped mount: files are seen and
+    created through it with their ids mapped by that user namespace's uid_map
+    and gid_map (Documentation/filesystems/idmappings.rst). Only a detached
+    mount that was never attached may be idmapped, and only once.
+    """
+    attr = _ffi.new("struct mount_attr *")
+    attr.attr_set = attr_set
+    attr.attr_clr = attr_clr
+    if userns_fd >= 0:
+        attr.userns_fd = userns_fd
+    nr = _ffi.cast("long", _syscall_number("mount_setattr"))
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    empty = _str("")  # held: see open_tree
+    _check(
+        _libc.syscall(nr, _ffi.cast("int", fd), _ffi.cast("char *", empty),
+                      _ffi.cast("unsigned int", flags), attr,
+                      _ffi.cast("size_t", _ffi.sizeof("struct mount_attr"))),
+        "mount_setattr")
 
 
 # --- process attributes -----------------------------------------------------
@@ -358,11 +444,13 @@ def warm() -> None:
     for name in ("unshare", "setns", "mount", "umount2", "prctl", "capget", "capset",
                  "sethostname", "setdomainname", "setpriority", "prlimit", "ioctl", "syscall"):
         getattr(_libc, name)
-    for ctype in ("long", "int", "unsigned int", "char *", "void *", "unsigned long"):
+    for ctype in ("long", "int", "unsigned int", "char *", "void *", "unsigned long",
+                  "size_t"):
         _ffi.cast(ctype, 0)
     _ffi.new("struct __user_cap_header_struct *")
     _ffi.new("struct __user_cap_data_struct[2]")
     _ffi.new("struct rlimit *")
+    _ffi.new("struct mount_attr *")
     _ffi.new("char[]", b"x")
     capget()
 
@@ -475,3 +563,118 @@ def _fork_into_via_intermediate(flags: int, cgroup_fd: int | None) -> int:
     if pid < 0:
         raise OSError(err, f"clone3: {os.strerror(err)}")
     return int(pid)
+
+
+# --- quotas and inode attributes (hostagent/projquota.py) -------------------
+# include/uapi/linux/quota.h
+USRQUOTA, GRPQUOTA, PRJQUOTA = 0, 1, 2
+SUBCMDSHIFT = 8
+SUBCMDMASK = 0x00FF
+Q_GETINFO = 0x800005
+Q_GETQUOTA = 0x800007
+Q_SETQUOTA = 0x800008
+QIF_BLIMITS = 1
+QIF_SPACE = 2
+QIF_ILIMITS = 4
+QIF_INODES = 8
+QIF_DQBLKSIZE = 1 << 10  # the unit of if_dqblk's block limits (dqb_curspace is bytes)
+# include/uapi/linux/dqblk_xfs.h: XQM_CMD(x) = ('X' << 8) + x
+Q_XGETQUOTA = (ord("X") << 8) + 3
+Q_XSETQLIM = (ord("X") << 8) + 4
+Q_XGETQSTATV = (ord("X") << 8) + 8
+FS_DQUOT_VERSION = 1
+FS_QSTATV_VERSION1 = 1
+FS_PROJ_QUOTA = 1 << 1  # fs_disk_quota.d_flags
+FS_DQ_BSOFT = 1 << 2
+FS_DQ_BHARD = 1 << 3
+FS_QUOTA_PDQ_ACCT = 1 << 4  # fs_quota_statv.qs_flags
+FS_QUOTA_PDQ_ENFD = 1 << 5
+XFS_BB = 512  # fs_disk_quota counts "basic blocks" of 512 bytes
+# include/uapi/linux/fs.h: _IOR('X', 31, struct fsxattr), _IOW('X', 32, ...), 28 bytes
+FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+FS_XFLAG_PROJINHERIT = 0x00000200
+
+_ffi.cdef(
+    """
+    struct fsxattr {
+        uint32_t fsx_xflags; uint32_t fsx_extsize; uint32_t fsx_nextents;
+        uint32_t fsx_projid; uint32_t fsx_cowextsize; unsigned char fsx_pad[8];
+    };
+    struct if_dqblk {
+        uint64_t dqb_bhardlimit; uint64_t dqb_bsoftlimit; uint64_t dqb_curspace;
+        uint64_t dqb_ihardlimit; uint64_t dqb_isoftlimit; uint64_t dqb_curinodes;
+        uint64_t dqb_btime; uint64_t dqb_itime; uint32_t dqb_valid;
+    };
+    struct if_dqinfo {
+        uint64_t dqi_bgrace; uint64_t dqi_igrace; uint32_t dqi_flags; uint32_t dqi_valid;
+    };
+    struct fs_disk_quota {
+        int8_t d_version; int8_t d_flags; uint16_t d_fieldmask; uint32_t d_id;
+        uint64_t d_blk_hardlimit; uint64_t d_blk_softlimit;
+        uint64_t d_ino_hardlimit; uint64_t d_ino_softlimit;
+        uint64_t d_bcount; uint64_t d_icount;
+        int32_t d_itimer; int32_t d_btimer; uint16_t d_iwarns; uint16_t d_bwarns;
+        int8_t d_itimer_hi; int8_t d_btimer_hi; int8_t d_rtbtimer_hi; int8_t d_padding2;
+        uint64_t d_rtb_hardlimit; uint64_t d_rtb_softlimit; uint64_t d_rtbcount;
+        int32_t d_rtbtimer; uint16_t d_rtbwarns; int16_t d_padding3; char d_padding4[8];
+    };
+    struct fs_qfilestatv {
+        uint64_t qfs_ino; uint64_t qfs_nblks; uint32_t qfs_nextents; uint32_t qfs_pad;
+    };
+    struct fs_quota_statv {
+        int8_t qs_version; uint8_t qs_pad1; uint16_t qs_flags; uint32_t qs_incoredqs;
+        struct fs_qfilestatv qs_uquota; struct fs_qfilestatv qs_gquota;
+        struct fs_qfilestatv qs_pquota;
+        int32_t qs_btimelimit; int32_t qs_itimelimit; int32_t qs_rtbtimelimit;
+        uint16_t qs_bwarnlimit; uint16_t qs_iwarnlimit; uint16_t qs_rtbwarnlimit;
+        uint16_t qs_pad3; uint32_t qs_pad4; uint64_t qs_pad2[7];
+    };
+    int quotactl(int cmd, const char *special, int id, void *addr);
+    """
+)
+
+
+def QCMD(cmd: int, qtype: int) -> int:  # the kernel's macro, and its name
+    return (cmd << SUBCMDSHIFT) | (qtype & SUBCMDMASK)
+
+
+def quota_struct(ctype: str) -> Any:
+    """A zeroed struct for quotactl: "struct if_dqblk", "struct fs_disk_quota", ..."""
+    return _ffi.new(f"{ctype} *")
+
+
+def quotactl(cmd: int, qid: int, addr: Any, *, fd: int | None = None,
+             special: str | None = None) -> int:
+    """quotactl_fd(2) on the filesystem of FD (Linux 5.14), else quotactl(2) on the
+    block device SPECIAL. CMD is a QCMD(); ADDR a quota_struct() or None."""
+    buf = _ffi.NULL if addr is None else addr
+    if fd is not None:
+        nr = _ffi.cast("long", _syscall_number("quotactl_fd"))
+        return int(_check(
+            _libc.syscall(nr, _ffi.cast("unsigned int", fd), _ffi.cast("unsigned int", cmd),
+                          _ffi.cast("unsigned int", qid), _ffi.cast("void *", buf)),
+            f"quotactl_fd({cmd:#x})"))
+    c_special = _str(special)
+    return int(_check(_libc.quotactl(cmd, c_special, qid, buf), f"quotactl({cmd:#x})",
+                      special))
+
+
+def fsxattr_get(fd: int) -> tuple[int, int]:
+    """FS_IOC_FSGETXATTR: (fsx_xflags, fsx_projid) of the inode FD refers to."""
+    fa = _ffi.new("struct fsxattr *")
+    _check(_libc.ioctl(fd, _ffi.cast("unsigned long", FS_IOC_FSGETXATTR), fa),
+           "FS_IOC_FSGETXATTR")
+    return int(fa.fsx_xflags), int(fa.fsx_projid)
+
+
+def fsxattr_set(fd: int, *, projid: int, set_flags: int = 0) -> None:
+    """FS_IOC_FSSETXATTR: give the inode FD refers to PROJID and add SET_FLAGS to its
+    fsx_xflags, the other fields as they are (read first: the call sets them all)."""
+    fa = _ffi.new("struct fsxattr *")
+    _check(_libc.ioctl(fd, _ffi.cast("unsigned long", FS_IOC_FSGETXATTR), fa),
+           "FS_IOC_FSGETXATTR")
+    fa.fsx_projid = projid
+    fa.fsx_xflags |= set_flags
+    _check(_libc.ioctl(fd, _ffi.cast("unsigned long", FS_IOC_FSSETXATTR), fa),
+           "FS_IOC_FSSETXATTR")

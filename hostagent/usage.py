@@ -27,8 +27,19 @@ for vserver-stat. Its sources, per metric (None when the file is absent):
                 transmits the guest receives: guest rx = host end tx, guest
                 tx = host end rx. None for a guest without a veth (IPROOT=ALL
                 shares the host's network; no addresses means lo only).
-  disk_used     None: disk accounting (project quota, overlay upper dir) is
-                the storage work's.
+  disk_used     the bytes the guest holds on its own, by how its disk is kept:
+                a btrfs subvolume with a qgroup (DISK_LIMIT): the qgroup's
+                exclusive bytes, read for every guest of a filesystem with
+                one `btrfs qgroup show` (hostagent.quota.usages), as of the
+                filesystem's last commit (about every 30 s, or a sync);
+                a tree with a project id of its own on XFS or ext4: the
+                bytes the filesystem charges to that project (quotactl,
+                one call per guest, in the same quota.usages);
+                a filesystem image: its used bytes (statvfs of its mount);
+                otherwise what `vdu` counts (unify.disk_usage of the overlay
+                upper layer, or of the root): a walk of the tree, so each
+                guest's figure is kept DISK_TTL (60) seconds and a guest's
+                disk_used may be that old. None when it cannot be read.
   uptime        now - RunState.started (time.time() when `start` finished
                 writing NAME.ctx).
 """
@@ -37,16 +48,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostagent import guest, views
+from hostagent import guest, quota, templates, views
 from hostagent.cgroup import Cgroup, Hierarchy, cgroup_mounts, tracking_hierarchy
 from hostagent.limits import controller_hierarchies
 from hostagent.paths import Paths
 
-__all__ = ["GuestUsage", "net_counters", "usage_all", "usage_of"]
+__all__ = ["DISK_TTL", "GuestUsage", "net_counters", "usage_all", "usage_of"]
+
+# Seconds a disk_used figure that took a walk of the guest's tree is kept.
+DISK_TTL = 60.0
+# (rootdir, name) -> (time.monotonic() when walked, bytes or None)
+_walked: dict[tuple[str, str], tuple[float, int | None]] = {}
 
 
 @dataclass(frozen=True)
@@ -155,8 +172,52 @@ class _Accounting:
         return _read_int(d / "memory.usage_in_bytes"), _read_int(d / "memory.max_usage_in_bytes")
 
 
+class _Disk:
+    """disk_used of a set of guests: each source read once for all of them."""
+
+    def __init__(self, paths: Paths, names: list[str]) -> None:
+        self.paths = paths
+        self.images = {n for n in names if quota.image_path(paths.rootdir, n).exists()}
+        # Where a qgroup or a project id would be: a unified guest's own layer,
+        # else its root (quota.usages reads both).
+        self.own = {n: templates.overlay_dirs(paths, n)[0].parent
+                    if templates.is_unified(paths, n) else paths.root(n)
+                    for n in names if n not in self.images}
+        try:
+            self.qgroups = quota.usages(self.own.values()) if self.own else {}
+        except OSError:
+            self.qgroups = {}
+        clock = time.monotonic()
+        for key in [k for k, (when, _) in _walked.items() if clock - when >= DISK_TTL]:
+            _walked.pop(key, None)
+
+    def used(self, name: str) -> int | None:
+        root = self.paths.root(name)
+        if name in self.images:
+            try:
+                return quota.image_usage(root).exclusive if os.path.ismount(root) else None
+            except OSError:
+                return None
+        found = self.qgroups.get(self.own[name])
+        if found is not None:
+            return found.exclusive
+        key = (str(self.paths.rootdir), name)
+        clock = time.monotonic()
+        cached = _walked.get(key)
+        if cached is not None and clock - cached[0] < DISK_TTL:
+            return cached[1]
+        from hostagent import unify  # only for guests without a cheaper source
+
+        try:
+            walked: int | None = unify.disk_usage(unify.usage_dir(self.paths, name)).bytes
+        except unify.UnifyError:
+            walked = None
+        _walked[key] = (clock, walked)
+        return walked
+
+
 def _usage(st: guest.RunState, acct: _Accounting, net: dict[str, tuple[int, int]],
-           now: float) -> GuestUsage:
+           now: float, disk: _Disk) -> GuestUsage:
     total, user, system = acct.cpu(st.cgroup)
     current, peak = acct.memory(st.cgroup)
     rx = tx = None
@@ -175,7 +236,7 @@ def _usage(st: guest.RunState, acct: _Accounting, net: dict[str, tuple[int, int]
         memory_peak=peak,
         net_rx_bytes=rx,
         net_tx_bytes=tx,
-        disk_used=None,
+        disk_used=disk.used(st.name),
         uptime=max(0.0, now - st.started),
     )
 
@@ -188,7 +249,8 @@ def usage_all(paths: Paths, states: dict[str, guest.RunState] | None = None,
     acct = _Accounting()
     net = net_counters() if any(st.host_if for st in states.values()) else {}
     now = time.time()
-    return {name: _usage(st, acct, net, now) for name, st in sorted(states.items())}
+    disk = _Disk(paths, sorted(states))
+    return {name: _usage(st, acct, net, now, disk) for name, st in sorted(states.items())}
 
 
 def usage_of(paths: Paths, name: str) -> GuestUsage | None:

@@ -86,7 +86,8 @@ def mem_total() -> int:
 
 @functools.lru_cache(maxsize=1024)
 def user_name(uid: int) -> str:
-    """The host's name for UID, as ps prints it (guests share the host's uids)."""
+    """The host's name for UID, as ps prints it: a privileged guest's users share the
+    host's uids; an isolated guest's (IDMAP) are numbers of its range, as on disk."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:

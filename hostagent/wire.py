@@ -37,7 +37,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NoReturn, Protocol, Self, TypeVar
 
@@ -48,6 +48,8 @@ from hostagent.ulimit import UlimitError, parse_ulimit
 
 __all__ = [
     "API_VERSION",
+    "ARCHIVE_DEFAULT_BYTES",
+    "ARCHIVE_MAX_BYTES",
     "BUILD_METHODS",
     "CONSOLE_CLOSE_FELL_BEHIND",
     "CONSOLE_CLOSE_TAKEN_OVER",
@@ -64,6 +66,8 @@ __all__ = [
     "EVENT_GUEST_EXITED",
     "EVENT_GUEST_OPERATION_FAILED",
     "EVENT_GUEST_REBOOT_REQUESTED",
+    "EVENT_GUEST_RESET",
+    "EVENT_GUEST_RESETTING",
     "EVENT_GUEST_RESTARTED",
     "EVENT_GUEST_RESTARTING",
     "EVENT_GUEST_STARTED",
@@ -83,6 +87,7 @@ __all__ = [
     "OP_RUNNING",
     "OP_STATES",
     "OP_SUCCESS",
+    "RESET_KEEP_MAX",
     "STATE_ACTIONS",
     "STATE_BUILDING",
     "STATE_DELETING",
@@ -98,6 +103,7 @@ __all__ = [
     "TYPE_LIFECYCLE",
     "TYPE_OPERATION",
     "TYPE_PROCESSES",
+    "ArchiveRequest",
     "BuildRequest",
     "Config",
     "ConfigPut",
@@ -114,11 +120,13 @@ __all__ = [
     "HostInfo",
     "Operation",
     "ProcessRow",
+    "ResetRequest",
     "StateChange",
     "TemplateCreate",
     "TemplateInfo",
     "Usage",
     "WireError",
+    "check_guest_path",
     "check_relative_path",
     "decode_json",
     "decode_list",
@@ -171,11 +179,13 @@ EVENT_GUEST_STARTING = "guest-starting"
 EVENT_GUEST_STOPPING = "guest-stopping"
 EVENT_GUEST_RESTARTING = "guest-restarting"
 EVENT_GUEST_DELETING = "guest-deleting"
+EVENT_GUEST_RESETTING = "guest-resetting"  # back to its template (ResetRequest)
 # An operation on the guest failed; metadata.state is the state it is left in.
 EVENT_GUEST_OPERATION_FAILED = "guest-operation-failed"
 # A console session in the guest began or ended; metadata.console is its id.
 EVENT_CONSOLE_OPENED = "console-opened"
 EVENT_CONSOLE_CLOSED = "console-closed"  # with metadata.code and metadata.reason
+EVENT_GUEST_RESET = "guest-reset"  # its own layer emptied but for metadata.keep
 LIFECYCLE_EVENTS: tuple[str, ...] = (
     EVENT_GUEST_BUILDING,
     EVENT_GUEST_STARTING,
@@ -195,6 +205,8 @@ LIFECYCLE_EVENTS: tuple[str, ...] = (
     EVENT_ONBOOT_FAILED,
     EVENT_CONSOLE_OPENED,
     EVENT_CONSOLE_CLOSED,
+    EVENT_GUEST_RESETTING,
+    EVENT_GUEST_RESET,
 )
 
 TYPE_LIFECYCLE = "lifecycle"  # action is one of LIFECYCLE_EVENTS
@@ -757,6 +769,8 @@ class BuildRequest:
     of caps.UNSAFE. flags: S_FLAGS words (empty: the agent's default). ulimit:
     ULIMIT text. disk_limit: a size (512M, 2G); disk_image puts the guest in a
     filesystem image of that size instead of a btrfs qgroup (not for template).
+    idmap: IDMAP, conf.IDMAP_MODES (isolated: a private range of host ids; the
+    panel asks for it, an API client that leaves it out gets none, as before).
     The server maps this to guest.BuildOptions; the wire does not import guest.
     """
 
@@ -775,12 +789,14 @@ class BuildRequest:
     description: str | None = None
     disk_limit: str | None = None
     disk_image: bool = False
+    idmap: str = "none"
 
     @classmethod
     def from_json(cls, obj: object, field: str = "") -> Self:
         m = _Message(obj, cls, field)
         name = _name(*m.req("name"))
         method = _choice(*m.req("method"), BUILD_METHODS)
+        idmap, idmap_field = m.opt("idmap")
         source, source_field = m.opt("source")
         if method in ("copy", "busybox"):
             if source is not None:
@@ -810,6 +826,7 @@ class BuildRequest:
             description=_description(*m.opt("description")),
             disk_limit=disk_limit,
             disk_image=disk_image,
+            idmap="none" if idmap is None else _choice(idmap, idmap_field, conf.IDMAP_MODES),
         )
 
     def to_json(self) -> dict[str, object]:
@@ -826,12 +843,14 @@ class ConfigPut:
     Three things only the host's admin may do are refused here: a guest sharing
     the host's network (IPROOT ALL or 0.0.0.0), S_CAPS_UNSAFE, and rewriting
     BUILD_METHOD (the record of how the guest was built, which the template
-    bookkeeping reads). The writable part of Config.
+    bookkeeping reads) or IDMAP_BASE (the agent's record of the guest's id
+    range; IDMAP itself may change, on a stopped guest). The writable part of
+    Config.
     """
 
     values: Mapping[str, str]
 
-    READ_ONLY_KEYS: ClassVar[frozenset[str]] = frozenset({"BUILD_METHOD"})
+    READ_ONLY_KEYS: ClassVar[frozenset[str]] = frozenset({"BUILD_METHOD", "IDMAP_BASE"})
 
     @classmethod
     def from_json(cls, obj: object, field: str = "") -> Self:
@@ -1204,6 +1223,14 @@ class GuestInfo:
         return _to_json(self)
 
 
+def _op_subject(value: object, field: str) -> str | None:
+    """What an operation works on: a guest's name, "template:NAME" for a
+    template's, or None."""
+    if isinstance(value, str) and value.startswith("template:"):
+        return "template:" + _name(value.removeprefix("template:"), field)
+    return _opt_name(value, field)
+
+
 @dataclass(frozen=True)
 class Operation:
     """GET /operations/ID: anything slower than about a second (Incus operations).
@@ -1232,7 +1259,7 @@ class Operation:
         return cls(
             id=_pattern(*m.req("id"), _OP_ID_RE, "an operation id"),
             kind=_pattern(*m.req("kind"), _KIND_RE, "an operation kind"),
-            guest=_opt_name(*m.req("guest")),
+            guest=_op_subject(*m.req("guest")),
             state=_choice(*m.req("state"), OP_STATES),
             progress=_int(*m.req("progress"), 0, 100),
             message=_str(*m.req("message"), max_len=_TEXT, allow="\t\n"),
@@ -1490,3 +1517,104 @@ def decode_list(cls: type[_T], obj: object, *, max_items: int = _MAX_ITEMS) -> t
     if len(obj) > max_items:
         raise WireError("body", f"more than {max_items} items")
     return tuple(cls.from_json(item, str(i)) for i, item in enumerate(obj))
+
+
+# --- Reset and archive (the classroom's calls) -------------------------------------------------
+
+RESET_KEEP_MAX = 16  # paths a reset may keep
+_KEEP_DEPTH_MAX = 128  # components of a kept path (the agent walks them one by one)
+ARCHIVE_DEFAULT_BYTES = 64 << 20
+ARCHIVE_MAX_BYTES = 1 << 30
+
+
+def check_guest_path(value: object, field: str) -> str:
+    """VALUE as an absolute path inside a guest, normalised (`/home//a/./b/` is `/home/a/b`).
+
+    At most PATH_MAX - 1 bytes, no control character (so no NUL and no
+    newline), no `..` component (a path that climbs is refused, never
+    resolved: what it means depends on symlinks only the guest may follow),
+    each component at most NAME_MAX bytes. `/` itself is allowed here; the
+    caller refuses it where it makes no sense. Raises WireError(FIELD, ...).
+    """
+    text = _str(value, field, max_len=_PATH_MAX, empty=False)
+    if len(text.encode("utf-8")) >= _PATH_MAX:
+        raise WireError(field, f"longer than {_PATH_MAX - 1} bytes")
+    if not text.startswith("/"):
+        raise WireError(field, f"{_show(text)} must be an absolute path (start with /)")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    for part in parts:
+        if part == "..":
+            raise WireError(field, f"{_show(text)}: '..' components are not allowed")
+        if len(part.encode("utf-8")) > _NAME_MAX:
+            raise WireError(field, f"a component is longer than {_NAME_MAX} bytes")
+    return "/" + "/".join(parts)
+
+
+@dataclass(frozen=True)
+class ResetRequest:
+    """POST /guests/NAME/reset: empty a template guest's own layer, but for KEEP.
+
+    keep: 0 to RESET_KEEP_MAX absolute paths inside the guest (check_guest_path;
+    not `/`, at most 128 components each), each kept with everything below it.
+    A kept path whose parent directories are not real directories in the
+    guest's own layer (a symlink the guest put there) is not kept.
+    """
+
+    keep: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, obj: object, field: str = "") -> Self:
+        m = _Message(obj, cls, field)
+        items, keep_field = m.opt("keep", [])
+        keep: list[str] = []
+        for i, item in enumerate(_list(items, keep_field, RESET_KEEP_MAX)):
+            sub = _join(keep_field, i)
+            path = check_guest_path(item, sub)
+            if path == "/":
+                raise WireError(sub, "keeping / would keep everything: that is no reset")
+            if path.count("/") > _KEEP_DEPTH_MAX:
+                raise WireError(sub, f"more than {_KEEP_DEPTH_MAX} components")
+            keep.append(path)
+        return cls(keep=tuple(keep))
+
+    def to_json(self) -> dict[str, object]:
+        return _to_json(self)
+
+
+@dataclass(frozen=True)
+class ArchiveRequest:
+    """GET /guests/NAME/archive?path=P&max_bytes=N: a tar of P, made inside the guest.
+
+    path: an absolute path inside the guest (check_guest_path). max_bytes: 1 to
+    ARCHIVE_MAX_BYTES, default ARCHIVE_DEFAULT_BYTES; the archive is cut there.
+    from_query() takes the query string's (key, value) pairs.
+    """
+
+    path: str
+    max_bytes: int = ARCHIVE_DEFAULT_BYTES
+
+    @classmethod
+    def from_json(cls, obj: object, field: str = "") -> Self:
+        m = _Message(obj, cls, field)
+        return cls(
+            path=check_guest_path(*m.req("path")),
+            max_bytes=_int(*m.opt("max_bytes", ARCHIVE_DEFAULT_BYTES), 1, ARCHIVE_MAX_BYTES),
+        )
+
+    @classmethod
+    def from_query(cls, pairs: Iterable[tuple[str, str]]) -> Self:
+        """From a query string's pairs: each key once, max_bytes in decimal digits."""
+        obj: dict[str, object] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise WireError(_key_field("", key), "given more than once")
+            obj[key] = value
+        raw = obj.get("max_bytes")
+        if isinstance(raw, str):
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 10:
+                raise WireError("max_bytes", f"{_show(raw)} is not a whole number of bytes")
+            obj["max_bytes"] = int(raw)
+        return cls.from_json(obj)
+
+    def to_json(self) -> dict[str, object]:
+        return _to_json(self)

@@ -211,3 +211,20 @@ def test_console_script_points_at_a_main_callable(script: str, target: str) -> N
     assert match["attr"] == "main", f"{script} should point at module:main, not {target!r}"
     module = importlib.import_module(match["module"])
     assert callable(getattr(module, "main", None)), f"{match['module']}.main is not callable"
+
+
+def test_make_run_says_how_to_enter_the_demo_vserver() -> None:
+    """Issue 2: `make run` ends by printing how to enter its demo guest (`make -n`
+    prints the recipe, running none of it)."""
+    res = subprocess.run(["make", "-n", "-C", str(REPO), "run", "DEMO=/nonexistent/demo"],
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    enter = [line for line in lines if "make demo-enter" in line]
+    assert enter, res.stdout
+    assert "VSERVER_ROOTDIR=/nonexistent/demo/vservers" in enter[0]
+    assert "/bin/vserver web enter" in enter[0]
+    # Printed before the panel takes the terminal, after the demo guest is made.
+    last_echo = max(i for i, line in enumerate(lines) if line.startswith("echo "))
+    assert lines.index(enter[0]) == last_echo
+    assert lines.index(enter[0]) > next(i for i, line in enumerate(lines) if "seed_demo" in line)

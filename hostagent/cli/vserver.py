@@ -7,6 +7,9 @@
     vserver NAME suexec USER CMD [ARG...]
     vserver NAME service SERVICE ACTION
     vserver NAME set KEY VALUE       (rewrite NAME.conf; limits apply at once)
+    vserver NAME reset [--keep PATH]...
+                                     (a stopped template guest back to its template,
+                                      keeping each PATH inside it; asks nothing)
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hostagent import guest
+from hostagent import guest, wire
 from hostagent.names import InvalidName, check_name
 from hostagent.paths import Paths
 
 VERBS = ("build", "start", "stop", "restart", "running", "status", "enter", "exec",
-         "suexec", "service", "set", "delete")
+         "suexec", "service", "set", "delete", "reset")
 
 
 def _out(data: bytes) -> None:
@@ -52,6 +55,11 @@ def _build_parser(name: str) -> argparse.ArgumentParser:
                    help="DISK_LIMIT, e.g. 2G: what the guest itself may write (btrfs)")
     p.add_argument("--disk-image", action="store_true",
                    help='DISK_LIMIT_MODE="image": the limit as a filesystem image of its own')
+    p.add_argument("--idmap", nargs="?", const="isolated", default="none",
+                   choices=("isolated", "shared", "none"),
+                   help="IDMAP: isolated (the default of a bare --idmap) gives the guest a "
+                        "private range of 65536 host ids, so that its root is no host root; "
+                        "without it, none")
     return p
 
 
@@ -98,6 +106,7 @@ def _run(paths: Paths, name: str, verb: str, rest: list[str], out: guest.Output)
             caps=_words(a.caps), flags=_words(a.flags), nice=a.nice, ulimit=a.ulimit,
             onboot=a.onboot, context=a.context, allow_unsafe_caps=a.allow_unsafe_caps,
             description=a.description, disk_limit=a.disk_limit, disk_image=a.disk_image,
+            idmap=a.idmap,
         )
         guest.build(paths, name, opts, log=lambda m: out and out((m + "\n").encode()))
         if out:
@@ -146,11 +155,37 @@ def _run(paths: Paths, name: str, verb: str, rest: list[str], out: guest.Output)
         for line in guest.set_key(paths, name, rest[0], rest[1]):
             print(line)
         return 0
+    if verb == "reset":
+        return _reset(paths, name, rest, out)
     if verb == "service":
         if len(rest) != 2:
             raise guest.GuestError("usage: vserver NAME service SERVICE ACTION")
         return guest.service(paths, name, rest[0], rest[1])
     raise AssertionError(verb)
+
+
+def _reset(paths: Paths, name: str, rest: list[str], out: guest.Output) -> int:
+    p = argparse.ArgumentParser(
+        prog=f"vserver {name} reset",
+        description="Empty a stopped template guest's own layer: it sees its template "
+                    "again, but for the paths kept.")
+    p.add_argument("--keep", action="append", default=[], metavar="PATH",
+                   help=f"an absolute path inside the guest to keep, with all below it; "
+                        f"repeat for more (up to {wire.RESET_KEEP_MAX})")
+    a = p.parse_args(rest)
+    try:
+        keep = wire.ResetRequest.from_json({"keep": a.keep}).keep
+    except wire.WireError as e:
+        print(f"vserver: --keep: {e.message}", file=sys.stderr)
+        return 2
+    result = guest.reset(paths, name, keep)
+    if out:
+        out(f"vserver {name} reset to its template\n".encode())
+        for what, items in (("kept", result.kept), ("not kept (below a symlink or a file)",
+                                                    result.refused)):
+            for item in items:
+                out(f"  {what}: {item}\n".encode())
+    return 0
 
 
 if __name__ == "__main__":

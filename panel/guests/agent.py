@@ -179,6 +179,8 @@ def _build_request(vs: VServer) -> wire.BuildRequest:
         **({"nice": vs.nice} if vs.nice is not None else {}),
         "onboot": vs.onboot,
         **({"description": vs.description} if vs.description else {}),
+        # A private range of host ids: the panel's guests' root is no host root.
+        "idmap": "isolated",
     })
 
 

@@ -345,3 +345,13 @@ def test_events_over_a_websocket_with_a_guests_process_list(agent: AgentProcess,
     assert [e["type"] for e in events] == [wire.TYPE_PROCESSES] * 2
     rows = events[0]["metadata"]["processes"]  # type: ignore[index]
     assert 1 in {r["guest_pid"] for r in rows}
+
+
+def test_the_client_makes_a_template_from_a_stopped_guest_and_lists_it(
+        client: AgentClient) -> None:
+    build(client, "src")
+    op = client.create_template(wire.TemplateCreate(name="tpl", method="guest", source="src"))
+    assert op.guest == "template:tpl"
+    client.run(op)
+    assert "tpl" in {t.name for t in client.templates()}
+    client.delete_template("tpl")

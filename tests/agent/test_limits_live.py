@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from hostagent import guest, limits
-from hostagent.cgroup import Hierarchy
+from hostagent.cgroup import Cgroup, Hierarchy
 from hostagent.conf import GuestConf
 from hostagent.paths import Paths
 
@@ -85,6 +86,105 @@ def test_memory_and_swap_limits_can_be_raised_and_lifted_on_a_running_guest(
     assert "MEMORY_LIMIT=: enforced" in guest.status(vroots, "mem").text()
     guest.set_key(vroots, "mem", "SWAP_LIMIT", "")
     assert unlimited(swap)
+
+
+def nofile_of(pid: int) -> tuple[str, str]:
+    """(soft, hard) "Max open files" of PID, from /proc/PID/limits."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return soft, hard
+    raise AssertionError(f"no open-files line in /proc/{pid}/limits")
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def has_cap_sys_resource() -> bool:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)  # CAP_SYS_RESOURCE = 24
+    return False
+
+
+def run_in(paths: Paths, name: str, script: str) -> str:
+    buf = bytearray()
+    code = guest.exec_in(paths, name, ["/bin/sh", "-c", script], output=buf.extend)
+    assert code == 0, buf.decode(errors="replace")
+    return buf.decode(errors="replace")
+
+
+def test_nofile_reaches_running_processes_and_new_execs_at_once(vroots: Paths) -> None:
+    build(vroots, "fd", NOFILE="4096")
+    st = guest.start(vroots, "fd")
+    # A process that was running before the change, detached from the exec.
+    run_in(vroots, "fd", "setsid sleep 600 </dev/null >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 30
+    while True:  # the background child may not have exec'd sleep yet
+        sleepers = [pid for pid in Cgroup(st.cgroup).procs() if comm(pid) == "sleep"]
+        if sleepers or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(sleepers) == 1
+    assert nofile_of(sleepers[0]) == ("4096", "4096")
+    lines = guest.set_key(vroots, "fd", "NOFILE", "2048")
+    assert len(lines) == 1 and lines[0].startswith("NOFILE=2048: enforced"), lines
+    assert nofile_of(sleepers[0]) == ("2048", "2048")
+    assert nofile_of(st.init_pid) == ("2048", "2048")
+    assert run_in(vroots, "fd", "ulimit -n").strip() == "2048"
+    assert "NOFILE=2048: enforced" in guest.status(vroots, "fd").text()
+    # Another key's change keeps NOFILE's line in status.
+    guest.set_key(vroots, "fd", "MEMORY_LIMIT", "200M")
+    assert "NOFILE=2048: enforced" in guest.status(vroots, "fd").text()
+    # Raising a hard limit needs CAP_SYS_RESOURCE, which some hosts deny even
+    # to root: then the running processes keep theirs and `set` says so.
+    lines = guest.set_key(vroots, "fd", "NOFILE", "3000")
+    assert run_in(vroots, "fd", "ulimit -n").strip() == "3000"
+    if has_cap_sys_resource():
+        assert lines[0].startswith("NOFILE=3000: enforced"), lines
+        assert nofile_of(sleepers[0]) == ("3000", "3000")
+    else:
+        assert "NOT ENFORCED" in lines[0] and "CAP_SYS_RESOURCE" in lines[0], lines
+        assert nofile_of(sleepers[0]) == ("2048", "2048")
+
+
+def test_dropping_nproc_lifts_the_guest_wide_process_limit(vroots: Paths) -> None:
+    build(vroots, "np", S_FLAGS="lock nproc", ULIMIT="-u 100", PIDS_MAX="50")
+    st = guest.start(vroots, "np")
+    pids_max = cgroup_file("pids", st.cgroup, "pids.max", "pids.max")
+    assert pids_max.read_text().strip() == "50"
+    # PIDS_MAX emptied: nproc's limit (ULIMIT -u) is what is left, not none.
+    guest.set_key(vroots, "np", "PIDS_MAX", "")
+    assert pids_max.read_text().strip() == "100"
+    lines = guest.set_key(vroots, "np", "S_FLAGS", "lock")
+    assert pids_max.read_text().strip() == "max", lines
+    assert any(line.startswith("PIDS_MAX=: enforced") for line in lines), lines
+    # A flag change that lifts nothing says nothing about limits it never had.
+    lines = guest.set_key(vroots, "np", "S_FLAGS", "lock private")
+    assert not [line for line in lines if line.startswith("PIDS_MAX=")], lines
+
+
+def test_dropping_sched_lifts_the_cpu_weight(vroots: Paths) -> None:
+    build(vroots, "sc", S_FLAGS="lock sched", CPU_WEIGHT="300")
+    st = guest.start(vroots, "sc")
+    weight = cgroup_file("cpu", st.cgroup, "cpu.weight", "cpu.shares")
+    assert weight.read_text().strip() in ("300", "3072")
+    # With CPU_WEIGHT still set, dropping sched leaves the weight alone.
+    guest.set_key(vroots, "sc", "S_FLAGS", "lock")
+    assert weight.read_text().strip() in ("300", "3072")
+    guest.set_key(vroots, "sc", "S_FLAGS", "lock sched")
+    # NAME.conf edited by hand while the guest runs, as the seed allows:
+    # CPU_WEIGHT is gone, the cgroup still holds 300, and sched goes next.
+    conf = GuestConf.load(vroots.conf("sc"))
+    conf.unset("CPU_WEIGHT")
+    conf.save(vroots.conf("sc"))
+    lines = guest.set_key(vroots, "sc", "S_FLAGS", "lock")
+    assert weight.read_text().strip() in ("100", "1024"), lines  # v2 default, v1 default
+    assert any(line.startswith("CPU_WEIGHT=: enforced") for line in lines), lines
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

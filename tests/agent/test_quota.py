@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hostagent import guest, quota, syscalls, templates
+from hostagent import guest, quota, syscalls, templates, usage
 from hostagent.paths import Paths
 from tests.conftest import mounts_under
 from tests.helpers import stop_all
@@ -138,3 +138,54 @@ def test_a_build_killed_half_way_is_swept_by_the_next(vroots: Paths) -> None:
     guest.build(vroots, "again", guest.BuildOptions(method="busybox"))
     assert not stale.exists()
     assert vroots.root("again").is_dir()
+
+
+def grown_by_write(paths: Paths, names: list[str], mb: int) -> dict[str, float]:
+    """disk_used after writing MB in each guest minus before, as a share of MB."""
+    os.sync()  # a btrfs qgroup counts what the last commit wrote
+    before = usage.usage_all(paths)
+    for name in names:
+        assert "rc=0" in write(paths, name, mb)
+    os.sync()
+    after = usage.usage_all(paths)
+    out = {}
+    for name in names:
+        b, a = before[name].disk_used, after[name].disk_used
+        assert b is not None and a is not None, (name, b, a)
+        out[name] = (a - b) / (mb << 20)
+    return out
+
+
+def test_disk_used_of_a_guest_with_a_qgroup_grows_with_what_it_writes(
+        btrfs_roots: Paths) -> None:
+    paths = btrfs_roots
+    templates.create(paths, "t", "busybox", None)
+    guest.build(paths, "q", guest.BuildOptions(method="busybox", disk_limit="100M"))
+    guest.build(paths, "u", guest.BuildOptions(method="template", source="t",
+                                               disk_limit="100M"))
+    for name in ("q", "u"):
+        guest.start(paths, name)
+    unified_own = guest.disk_of(paths, "u")
+    assert unified_own is not None and unified_own != paths.root("u")
+    os.sync()
+    now = usage.usage_all(paths)
+    assert now["q"].disk_used == quota.usage(paths.root("q")).exclusive
+    assert now["u"].disk_used == quota.usage(unified_own).exclusive
+    grown = grown_by_write(paths, ["q", "u"], 20)
+    assert all(0.9 < share < 1.2 for share in grown.values()), grown
+
+
+def test_disk_used_of_image_plain_and_unified_guests_grows_with_what_they_write(
+        vroots: Paths, monkeypatch: pytest.MonkeyPatch) -> None:
+    guest.build(vroots, "img", guest.BuildOptions(method="busybox", disk_limit="60M",
+                                                  disk_image=True))
+    guest.build(vroots, "plain", guest.BuildOptions(method="busybox"))
+    templates.create(vroots, "t", "busybox", None)
+    guest.build(vroots, "u", guest.BuildOptions(method="template", source="t"))
+    for name in ("img", "plain", "u"):
+        guest.start(vroots, name)
+    # The plain and unified guests' figures are walks (of the root, of the
+    # upper layer), each kept DISK_TTL seconds: at 0 each call walks afresh.
+    monkeypatch.setattr(usage, "DISK_TTL", 0.0)
+    grown = grown_by_write(vroots, ["img", "plain", "u"], 20)
+    assert all(0.9 < share < 1.2 for share in grown.values()), grown
