@@ -290,7 +290,8 @@ class Agent:
                 "pidfd": True,
                 "ipv6": os.path.exists("/proc/sys/net/ipv6"),
                 "nftables": os.path.exists("/usr/sbin/nft"),
-                "btrfs_quota": quota.support(self.paths.rootdir) is None,
+                "btrfs_quota": quota.method(self.paths.rootdir)[0] == quota.BTRFS_QGROUP,
+                "project_quota": quota.method(self.paths.rootdir)[0] == quota.PROJECT_QUOTA,
             },
             guests=len(names), running=running)
 
@@ -408,9 +409,28 @@ class Agent:
             self._samplers.pop(name, None)
             return None
         sampler = self._samplers.setdefault(name, Sampler(self.paths, name))
-        return [{"pid": r.pid, "guest_pid": r.guest_pid, "user": r.user,
+        rows = sampler.sample()
+        user = self._guest_users(name)
+        return [{"pid": r.pid, "guest_pid": r.guest_pid, "user": user(r.uid),
                  "cpu": round(r.cpu, 1), "mem": round(r.mem, 1), "rss": r.rss_kib * 1024,
-                 "command": r.command} for r in sampler.sample()]
+                 "command": r.command} for r in rows]
+
+    def _guest_users(self, name: str) -> Callable[[int], str]:
+        """Host uid -> the user as the guest knows it: its own uid (the host's
+        less the guest's id range, if it has one) named from its /etc/passwd."""
+        from hostagent import idmap, views
+
+        base = self._settings(name).idmap_base
+        names = views.guest_user_names(self.paths.root(name))
+
+        def user(uid: int) -> str:
+            inner = uid
+            if base is not None:
+                if not base <= uid < base + idmap.RANGE:
+                    return str(uid)  # not one of the guest's ids: the host's number
+                inner = uid - base
+            return names.get(inner, str(inner))
+        return user
 
     async def stats(self) -> list[wire.Usage]:
         from hostagent import usage
@@ -437,7 +457,8 @@ class Agent:
                         u = quota.image_usage(root)
                         item["used"], item["limit"] = u.exclusive, u.limit
                 elif (own := guest.disk_of(self.paths, name)) is not None:
-                    item["mode"] = "btrfs-qgroup"
+                    item["mode"] = (quota.BTRFS_QGROUP if quota.is_subvolume(own)
+                                    else quota.PROJECT_QUOTA)
                     u = quota.usage(own)
                     item["used"], item["limit"] = u.exclusive, u.limit
             except (quota.QuotaError, OSError) as e:

@@ -24,9 +24,11 @@ import json
 import os
 import pwd
 import re
+import stat
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from hostagent import guest
 from hostagent.cgroup import Hierarchy, cgroup_base, cgroup_of, tracking_hierarchy
@@ -82,6 +84,41 @@ def mem_total() -> int:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) * 1024
     raise OSError("no MemTotal in /proc/meminfo")
+
+
+_PASSWD_MAX = 1 << 20
+
+
+def guest_user_names(root: Path) -> dict[int, str]:
+    """uid -> login name from the guest's own /etc/passwd under ROOT.
+
+    The guest writes that file, so it is found as the guest sees it
+    (pkg.locate: no symlink leads out of ROOT), not followed at its last
+    component, read only if it is a regular file, and at most 1 MiB of it.
+    Anything unreadable gives no names (callers show numbers then)."""
+    from hostagent import pkg
+
+    where = pkg.locate(root, "/etc/passwd")
+    if where is None:
+        return {}
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        data = os.read(fd, _PASSWD_MAX)
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
+    names: dict[int, str] = {}
+    for line in data.decode(errors="replace").splitlines():
+        parts = line.split(":")
+        if len(parts) >= 3 and parts[2].isdigit():
+            names.setdefault(int(parts[2]), printable(parts[0])[:32])
+    return names
 
 
 @functools.lru_cache(maxsize=1024)

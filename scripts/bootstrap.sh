@@ -17,6 +17,7 @@ DEB_PACKAGES=(
   debootstrap      # the 'debootstrap' build method
   gcc libc6-dev    # compile the static /sbin/vreboot (hostagent/guestbin) put into every guest built
   btrfs-progs      # mkfs.btrfs and `btrfs filesystem du` for the vunify tests (loop-mounted btrfs)
+  xfsprogs         # mkfs.xfs for the project-quota tests (tests/agent/test_projquota.py)
   python3-venv
   redis-server     # the channel layer of the websocket tests and make run (scripts/redis.sh: a private one)
   chromium         # the browser test (tests/e2e): Playwright drives Debian's build, never its own download

@@ -52,7 +52,8 @@ def _build_parser(name: str) -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, help="S_CONTEXT, a fixed context id (2..49151)")
     p.add_argument("--description", help="DESCRIPTION shown by the listing tools")
     p.add_argument("--disk-limit", metavar="SIZE",
-                   help="DISK_LIMIT, e.g. 2G: what the guest itself may write (btrfs)")
+                   help="DISK_LIMIT, e.g. 2G: what the guest itself may write (a btrfs qgroup, "
+                        "or an XFS/ext4 project quota)")
     p.add_argument("--disk-image", action="store_true",
                    help='DISK_LIMIT_MODE="image": the limit as a filesystem image of its own')
     p.add_argument("--idmap", nargs="?", const="isolated", default="none",

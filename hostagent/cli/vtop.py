@@ -52,6 +52,7 @@ class Row:
     mem: float
     rss_kib: int
     command: str
+    uid: int = -1  # the host's uid (USER is its host name)
 
     def cells(self) -> tuple[str, ...]:
         return (str(self.pid), self.user, str(self.context), self.name, f"{self.cpu:.1f}",
@@ -92,7 +93,7 @@ class Sampler:
                 pid=p.pid, user=user_name(p.uid), context=ctx.number, name=ctx.label,
                 guest=ctx.guest, guest_pid=ctxmap.inner_pid(p, ctx),
                 cpu=self._cpu(p, key, elapsed, hz), mem=100.0 * p.rss / total,
-                rss_kib=p.rss // 1024, command=p.command,
+                rss_kib=p.rss // 1024, command=p.command, uid=p.uid,
             ))
         self._last, self._last_time = seen, now
         rows.sort(key=lambda r: (-r.cpu, -r.rss_kib, r.pid))

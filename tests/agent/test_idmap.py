@@ -642,3 +642,29 @@ def test_an_isolated_guest_gets_its_addresses_from_the_host_and_serves_the_lan(
     _code, out = lan.run("net", "ip addr show eth0; ip addr add 198.18.0.99/32 dev eth0; "
                                 "echo add=$?")
     assert lan.v4(20) in out and "add=0" not in out, out  # no CAP_NET_ADMIN, even its own
+
+
+def test_the_agents_process_list_names_users_as_the_guest_knows_them(
+        vroots: Paths, template: str, agents: list[AgentProcess]) -> None:
+    agents.append(AgentProcess(vroots).start())
+    client = AgentClient(agents[-1].socket)
+    client.run(client.build(wire.BuildRequest.from_json(
+        {"name": "a", "method": "template", "source": template, "idmap": "isolated"})))
+    client.run(client.state("a", "start"))
+    res = client.run(client.exec("a", ["/bin/sh", "-c",
+                                       "echo 'lab:x:1234:1234::/home/lab:/bin/sh' >> /etc/passwd; "
+                                       "su -s /bin/sh lab -c 'sleep 60 &' || "
+                                       "setuidgid lab sleep 60 &"]))
+    assert res["exit_code"] == 0, res
+    base = settings(vroots, "a").idmap_base
+    assert base is not None
+    deadline = time.monotonic() + 10
+    while True:
+        rows = client.processes("a")
+        users = {r.guest_pid: r.user for r in rows}
+        if "lab" in users.values() or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert users[1] == "root"  # not the host's number for the range's root
+    assert "lab" in users.values(), rows
+    assert not any(u.isdigit() and int(u) >= base for u in users.values())
