@@ -22,6 +22,7 @@ from django.contrib.auth.decorators import login_required
 from django.db.models import QuerySet
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_POST
 
@@ -38,6 +39,7 @@ from panel.classroom.forms import (
     RosterForm,
 )
 from panel.classroom.models import Classroom, Seat
+from panel.classroom.sampler import activity_text
 from panel.guests import actions as gactions
 from panel.guests.models import VServer
 from panel.hosting.choices import RoleChoices
@@ -137,8 +139,12 @@ def class_detail(request: HttpRequest, slug: str) -> HttpResponse:
                  "-last_activity": "-last_activity"}.get(d["sort"] or "username")
         seats = seats.order_by(order, "user__username")
     bulk = BulkForm(seat_ids=[])
+    seats = list(seats)
+    now = timezone.now()
+    for seat in seats:  # as the live grid's `usage` messages say it (sampler.activity_text)
+        seat.activity = activity_text(seat.last_activity, now)
     return render(request, "classroom/class_detail.html", {
-        "classroom": classroom, "role": role, "seats": list(seats), "filters": filters,
+        "classroom": classroom, "role": role, "seats": seats, "filters": filters,
         "bulk": bulk, "is_teacher": role == RoleChoices.ROLE_TEACHER,
     })
 

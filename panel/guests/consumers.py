@@ -3,6 +3,8 @@
     ws/vservers/        DashboardConsumer: every vserver the user may see
     ws/vservers/ID/     VServerConsumer: one vserver, and its processes on request
 
+(and on LiveConsumer, panel/classroom/consumers.py's ws/classes/SLUG/: a teacher's grid).
+
 Who: the session (AuthMiddlewareStack's cookie), read afresh from the session
 store, so a session that has ended, owes its second factor (django-otp) or
 whose user was deactivated is refused; the Origin must be one of
@@ -74,6 +76,7 @@ from panel.guests.plan_usage import plan_of
 from panel.guests.processes import WATCHER
 from panel.guests.processes import group as procs_group
 from panel.guests.processes import to_page as procs_to_page
+from panel.hosting.choices import SCOPED_ROLES
 from panel.hosting.middleware import second_step
 from panel.hosting.models import Customer, Membership
 
@@ -84,8 +87,12 @@ __all__ = [
     "CLOSE_LOGIN",
     "CLOSE_MISSING",
     "DashboardConsumer",
+    "LiveConsumer",
     "VServerConsumer",
+    "count_audience",
+    "may_see",
     "session_user",
+    "snapshot_after",
     "user_group",
 ]
 
@@ -158,9 +165,30 @@ def _read_plan(customer_id: int) -> dict[str, Any] | None:
 
 
 def _members_among(customer_id: int, user_ids: Iterable[int]) -> frozenset[int]:
-    """Those of USER_IDS who are members of CUSTOMER_ID now (VServer.visible_to's rule)."""
+    """Those of USER_IDS who are members of CUSTOMER_ID now, in whichever role."""
     return frozenset(Membership.objects.filter(customer_id=customer_id, user_id__in=list(
         user_ids)).values_list("user_id", flat=True))
+
+
+def _viewers_among(customer_id: int, vs_id: int, user_ids: Iterable[int]) -> frozenset[int]:
+    """Those of USER_IDS who may see vserver VS_ID of CUSTOMER_ID now: VServer.visible_to's
+    rule (staff aside), for many users in a few queries. A member sees the customer's
+    vservers, except in a scoped role (panel/classroom): a student only their own seat's,
+    a TA those of the seats of their groups."""
+    members = _members_among(customer_id, user_ids)
+    if not members:
+        return members
+    scoped = frozenset(Membership.objects.filter(
+        customer_id=customer_id, user_id__in=list(members), role__in=SCOPED_ROLES)
+        .values_list("user_id", flat=True))
+    if not scoped:
+        return members
+    own = VServer.objects.filter(pk=vs_id, seat__user_id__in=list(scoped)).values_list(
+        "seat__user_id", flat=True)
+    assisting = Membership.objects.filter(
+        user_id__in=list(scoped), ta_groups__group__seats__vserver_id=vs_id).values_list(
+        "user_id", flat=True)
+    return (members - scoped) | frozenset(own) | frozenset(assisting)
 
 
 # Work done once per event and process, however many pages it goes to: the
@@ -189,7 +217,7 @@ async def _once(key: str, work: Callable[[], Awaitable[Any]]) -> Any:
     return result
 
 
-async def _snapshot_after(event: dict[str, Any]) -> dict[str, Any] | None:
+async def snapshot_after(event: dict[str, Any]) -> dict[str, Any] | None:
     """The vserver as the database has it after the change EVENT announces (None: deleted):
     read once per change and process."""
     vs_id = int(event["vserver"]["id"])
@@ -202,7 +230,7 @@ async def _snapshot_after(event: dict[str, Any]) -> dict[str, Any] | None:
 async def _detail_after(event: dict[str, Any]) -> dict[str, Any] | None:
     """What a vserver page shows after the change EVENT announces: the snapshot (the
     dashboards' read) and the recent operations, each read once per change and process."""
-    snap = await _snapshot_after(event)
+    snap = await snapshot_after(event)
     if snap is None:
         return None
     vs_id = int(event["vserver"]["id"])
@@ -226,7 +254,7 @@ async def _plan_after(customer_id: int, eid: str | None) -> dict[str, Any] | Non
 _AUDIENCE: dict[int, collections.Counter[int]] = collections.defaultdict(collections.Counter)
 
 
-def _audience(customer_id: int, user_id: int, delta: int) -> None:
+def count_audience(customer_id: int, user_id: int, delta: int) -> None:
     pages = _AUDIENCE[customer_id]
     pages[user_id] += delta
     if pages[user_id] <= 0:
@@ -249,7 +277,23 @@ async def _is_member(user: Any, customer_id: int, eid: str | None) -> bool:
     return user.pk in await database_sync_to_async(_members_among)(customer_id, [user.pk])
 
 
-class _LiveConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+async def may_see(user: Any, customer_id: int, vs_id: int, eid: str | None) -> bool:
+    """Whether USER (not staff) may see vserver VS_ID of CUSTOMER_ID now: for an event
+    (EID), asked once for every user with a page of that customer in this process."""
+    if eid and user.pk in _AUDIENCE.get(customer_id, ()):
+        async def ask() -> tuple[frozenset[int], frozenset[int]]:
+            asked = frozenset(_AUDIENCE.get(customer_id, ()))
+            return asked, await database_sync_to_async(_viewers_among)(customer_id, vs_id,
+                                                                       asked)
+
+        asked, viewers = await _once(f"viewers:{eid}:{customer_id}:{vs_id}", ask)
+        if user.pk in asked:  # else its page came after the question: asked on its own
+            return user.pk in viewers
+    return user.pk in await database_sync_to_async(_viewers_among)(customer_id, vs_id,
+                                                                   [user.pk])
+
+
+class LiveConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     """What both consumers share: who, the refusals, the rechecks, the groups."""
 
     user: Any = None
@@ -374,7 +418,7 @@ class _LiveConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         return False
 
 
-class DashboardConsumer(_LiveConsumer):
+class DashboardConsumer(LiveConsumer):
     """Every vserver the user may see: staff join `staff`, others each `customer-ID`;
     and the usage bars of the customers the user is a member of (their sections)."""
 
@@ -399,14 +443,14 @@ class DashboardConsumer(_LiveConsumer):
             await self.join(g)
         customers = {int(g.split("-", 1)[1]) for g in wanted if g.startswith("customer-")}
         for c in self.audience - customers:
-            _audience(c, self.user.pk, -1)
+            count_audience(c, self.user.pk, -1)
         for c in customers - self.audience:
-            _audience(c, self.user.pk, +1)
+            count_audience(c, self.user.pk, +1)
         self.audience = customers
 
     async def disconnect(self, code: int) -> None:
         for c in getattr(self, "audience", ()):
-            _audience(c, self.user.pk, -1)
+            count_audience(c, self.user.pk, -1)
         self.audience = set()
         await super().disconnect(code)
 
@@ -461,11 +505,11 @@ class DashboardConsumer(_LiveConsumer):
         if self.closing:
             return
         vs_id, customer = int(event["vserver"]["id"]), event["vserver"].get("customer")
-        if not self.user.is_staff and (customer is None or not await _is_member(
-                self.user, int(customer), event.get("eid"))):
+        if not self.user.is_staff and (customer is None or not await may_see(
+                self.user, int(customer), vs_id, event.get("eid"))):
             await self._gone(vs_id, event.get("ts"))  # no longer theirs
             return
-        snap = await _snapshot_after(event)
+        snap = await snapshot_after(event)
         if snap is None:
             await self._gone(vs_id, event.get("ts"))
         else:
@@ -488,7 +532,7 @@ class DashboardConsumer(_LiveConsumer):
         return  # the vserver pages' (a dashboard never joins procs-ID)
 
 
-class VServerConsumer(_LiveConsumer):
+class VServerConsumer(LiveConsumer):
     """One vserver (`vserver-ID`), and while asked its process list (`procs-ID`)."""
 
     watching = False
@@ -502,7 +546,7 @@ class VServerConsumer(_LiveConsumer):
             return False
         self.agent_socket, self.vs_name, self.customer_id = where
         if not self.user.is_staff:
-            _audience(self.customer_id, self.user.pk, +1)
+            count_audience(self.customer_id, self.user.pk, +1)
             self.counted = True
         await self.join(f"vserver-{self.vs_id}")
         snap = await database_sync_to_async(_read_detail)(self.vs_id)
@@ -520,8 +564,9 @@ class VServerConsumer(_LiveConsumer):
 
     async def allowed(self, eid: str | None = None) -> bool:
         """Staff see every vserver (their flag is read again every RECHECK s and on a
-        change of their account); others while they are members of its customer."""
-        if self.user.is_staff or await _is_member(self.user, self.customer_id, eid):
+        change of their account); others while they may (may_see: members of its
+        customer, a TA of its student's group, the student of its seat)."""
+        if self.user.is_staff or await may_see(self.user, self.customer_id, self.vs_id, eid):
             return True
         # Gone from the database (this page was shown it: no secret), or no longer theirs.
         if not await database_sync_to_async(_exists)(self.vs_id):
@@ -534,7 +579,7 @@ class VServerConsumer(_LiveConsumer):
         await self._unwatch()
         if self.counted:
             self.counted = False
-            _audience(self.customer_id, self.user.pk, -1)
+            count_audience(self.customer_id, self.user.pk, -1)
         await super().disconnect(code)
 
     # --- the page's requests ---

@@ -1,5 +1,6 @@
-// vpanel's live pages: the websocket of the dashboard and of a vserver's page
-// (panel/guests/consumers.py; the URL comes from the element [data-vp-live]).
+// vpanel's live pages: the websocket of the dashboard, of a vserver's page and of
+// a class's grid (panel/guests/consumers.py, panel/classroom/consumers.py; the URL
+// comes from the element [data-vp-live]).
 // Everything here is on top of the server-rendered page, which stays right
 // without it; with it, the page follows what happens without ever reloading:
 //
@@ -16,6 +17,11 @@
 //     data-vp-refresh are fetched again and swapped in when that may have
 //     changed. A fetch, not a reload: the window, its socket and whatever is
 //     being typed stay.
+//
+// A page's own script hears every message too, as a "vpanel:live" event on the
+// document (static/js/classroom.js: the grid's usage cells). What a page watches
+// only while visible is named by data-vp-watch on [data-vp-live] ("usage": the
+// grid's `watch-usage`), or is its process list (`watch-processes`).
 //
 // The process rows come from inside the guest: every text goes in through
 // textContent, never as HTML, and control or direction-changing characters are
@@ -364,6 +370,7 @@
     }) : null;
     this.regions = new Regions(el.getAttribute("data-vp-page") || window.location.pathname,
       function (doc) { self.swapped(doc); });
+    this.watchKind = this.processes ? "processes" : el.getAttribute("data-vp-watch");
     this.backoff = BACKOFF_MIN;
     this.ws = null;
     this.watching = false;
@@ -379,16 +386,17 @@
     }
   };
 
-  // Processes are watched only while the page is visible: a hidden tab costs the host nothing.
+  // Processes (a grid's usage) are watched only while the page is visible: a hidden
+  // tab costs the host nothing.
   Live.prototype.watch = function () {
-    if (!this.processes) {
+    if (!this.watchKind) {
       return;
     }
     var want = !document.hidden;
     if (want !== this.watching) {
       this.watching = want;
-      this.send({ type: want ? "watch-processes" : "unwatch-processes" });
-      if (want) {
+      this.send({ type: (want ? "watch-" : "unwatch-") + this.watchKind });
+      if (want && this.processes) {
         this.processes.say("Waiting for the first sample…");
       }
     }
@@ -540,6 +548,7 @@
       default:
         break;
     }
+    document.dispatchEvent(new CustomEvent("vpanel:live", { detail: msg }));
   };
 
   document.addEventListener("DOMContentLoaded", function () {

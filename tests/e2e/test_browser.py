@@ -105,6 +105,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def panel(tmp_path: Path, lan: Lan, agent: AgentProcess) -> Iterator[Panel]:
     """Daphne serving the panel on its own database, seeded; ended at teardown."""
+    with serve_panel(tmp_path, lan, agent, "tests.e2e.seed") as (url, seeded, log):
+        yield Panel(url, seeded["username"], seeded["password"], seeded["vserver"], log)
+
+
+@contextlib.contextmanager
+def serve_panel(tmp_path: Path, lan: Lan, agent: AgentProcess,
+                seed: str) -> Iterator[tuple[str, dict[str, Any], Path]]:
+    """Daphne serving the panel on its own database, seeded by the module SEED (given the
+    agent's socket, the LAN's prefix and the uplink; its last line of output is JSON),
+    and the agent's event bridge: (its URL, what the seed said, Daphne's log). Ended on
+    the way out, whatever happened."""
     var = tmp_path / "panel-var"
     var.mkdir(mode=0o700)
     # Its own SQLite and the in-memory channel layer: one Daphne process carries the
@@ -124,7 +135,7 @@ def panel(tmp_path: Path, lan: Lan, agent: AgentProcess) -> Iterator[Panel]:
 
     manage("manage.py", "migrate", "--noinput")
     prefix = lan.v4(0).rsplit(".", 1)[0]
-    seeded = json.loads(manage("-m", "tests.e2e.seed", str(agent.socket), prefix, UPLINK)
+    seeded = json.loads(manage("-m", seed, str(agent.socket), prefix, UPLINK)
                         .strip().splitlines()[-1])
 
     port = free_port()
@@ -158,7 +169,7 @@ def panel(tmp_path: Path, lan: Lan, agent: AgentProcess) -> Iterator[Panel]:
                     [py, "manage.py", "agent_events"], cwd=REPO, env=env, stdout=out,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True))
-        yield Panel(url, seeded["username"], seeded["password"], seeded["vserver"], log)
+        yield url, seeded, log
     finally:
         for proc in (*extra, daphne):
             _stop(proc)
