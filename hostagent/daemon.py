@@ -323,6 +323,16 @@ class Agent:
                                   description=f"NAME.conf unreadable: {e}"[:200], onboot=False,
                                   priority=confmod.DEFAULT_PRIORITY, template=None,
                                   unrestricted_network=False, disk=None, limits=())
+        try:
+            return self._info_now(name, s, full)
+        except (guest.GuestError, OSError):
+            # It ended while we read it (its cgroup or /proc entries went):
+            # read again, now as the stopped guest it is. Anything else raises.
+            if guest.running(self.paths, name):
+                raise
+            return self._info_now(name, s, full)
+
+    def _info_now(self, name: str, s: confmod.GuestSettings, full: bool) -> wire.GuestInfo:
         run = guest.read_state(self.paths, name)
         alive = run is not None and guest.running(self.paths, name)
         state = self.ops.busy_state(name) or (wire.STATE_RUNNING if alive

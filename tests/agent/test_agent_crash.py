@@ -223,6 +223,41 @@ def test_the_guests_own_reboot_and_halt(pair: tuple[AgentClient, dict[str, int]]
     assert client.guest("gb").init_pid == pids["gb"]
 
 
+def test_a_guest_read_while_it_halts_is_running_or_stopped_never_an_error(
+        pair: tuple[AgentClient, dict[str, int]], agents: list[AgentProcess]) -> None:
+    # GET /guests/NAME reads the guest's cgroup and /proc: a guest that ends
+    # half-way through must read as stopped, not fail the request.
+    import threading
+
+    client, _ = pair
+    errors: list[str] = []
+    states: set[str] = set()
+    stop = threading.Event()
+
+    def reader() -> None:
+        with AgentClient(agents[-1].socket) as c:
+            while not stop.is_set():
+                try:
+                    states.add(c.guest("ga").state)
+                except Exception as e:  # every failure is the finding
+                    errors.append(repr(e))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            client.wait(client.exec("ga", ["/bin/sh", "-c", "halt -f"]), timeout=10)
+            wait_for(lambda: client.guest("ga").state == wire.STATE_STOPPED)
+            client.run(client.state("ga", "start"))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    assert wire.STATE_STOPPED in states and wire.STATE_RUNNING in states
+
+
 def test_a_reboot_flood_costs_the_agent_nothing_lasting(
         pair: tuple[AgentClient, dict[str, int]], agents: list[AgentProcess],
         vroots: Paths) -> None:
