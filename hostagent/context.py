@@ -969,6 +969,10 @@ def _enter_child(init_pidfd: int, spec: ContextSpec, req: EnterRequest,
             # then never hang up) and runs nothing but the wait from here on.
             _close_all_but([])
             return _exit_status(d)
+        # From here C only relays and waits: it keeps none of the caller's
+        # other descriptors (an agent's sockets and consoles' terminals) for
+        # as long as the command runs.
+        _close_all_but([*routes, feed])
         return _relay(d, routes, feed, raw=req.pty)
     except BaseException as e:
         _fail(st_w, step, e)

@@ -355,3 +355,33 @@ def test_the_client_makes_a_template_from_a_stopped_guest_and_lists_it(
     client.run(op)
     assert "tpl" in {t.name for t in client.templates()}
     client.delete_template("tpl")
+
+
+def test_the_process_that_waits_for_an_exec_keeps_none_of_the_agents_descriptors(
+        client: AgentClient, agent: AgentProcess) -> None:
+    build(client, "fdw")
+    client.run(client.state("fdw", "start"))
+    client.exec("fdw", ["/bin/sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        waiter = None
+        while waiter is None:
+            assert time.monotonic() < deadline, "no exec'd sleep appeared"
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+                    stat = Path(f"/proc/{pid}/stat").read_text()
+                    ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                except OSError:
+                    continue
+                if cmd == b"/bin/sleep\x0030\x00":
+                    waiter = ppid
+            time.sleep(0.05)
+        # The waiter (a fork of the agent) holds its stdio and at most a pidfd
+        # of the command; before, it held every socket and file of the agent.
+        held = [int(fd) for fd in os.listdir(f"/proc/{waiter}/fd")]
+        assert len([fd for fd in held if fd > 2]) <= 2, (held, agent.fds())
+    finally:
+        client.run(client.state("fdw", "stop", force=True))
