@@ -11,6 +11,11 @@ Everything a deployment changes comes from the environment:
   VPANEL_STAFF_2FA    1 to make staff users enrol a TOTP device before they may use
                       any page (default off; users with a device are always asked
                       for its code at login, staff or not)
+  VPANEL_PROXIES      how many reverse proxies of yours stand in front of the panel
+                      (default 0). With N > 0 the panel believes the scheme in
+                      X-Forwarded-Proto and takes the client's address from the
+                      Nth address from the right of X-Forwarded-For (what your
+                      own proxies appended), for the audit log and login throttling
   VPANEL_VAR_DIR      state directory (default var/ in the source tree): the
                       secret key and the SQLite database
   DATABASE_URL        postgres://USER:PASS@HOST/DB for PostgreSQL (default SQLite)
@@ -337,7 +342,18 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
 
-# Request bodies: the panel takes forms and small JSON documents, never uploads.
+# Behind reverse proxies of the provider's own (VPANEL_PROXIES): the scheme they
+# saw, and the client's address they appended (panel/hosting/views.source_ip).
+VPANEL_PROXIES = int(os.environ.get("VPANEL_PROXIES", "0") or 0)
+if VPANEL_PROXIES < 0:
+    raise ImproperlyConfigured("VPANEL_PROXIES must be 0 or more")
+if VPANEL_PROXIES:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    AXES_IPWARE_PROXY_COUNT = VPANEL_PROXIES
+    AXES_IPWARE_META_PRECEDENCE_ORDER = ("HTTP_X_FORWARDED_FOR", "REMOTE_ADDR")
+
+# Request bodies: the panel takes forms and small JSON documents; the one
+# upload, a class roster, is at most 1 MiB (panel/classroom/forms.py).
 DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
 

@@ -81,12 +81,21 @@ __all__ = [
 # --- helpers shared with panel/guests/views.py ------------------------------------------------
 
 def source_ip(request: HttpRequest) -> str | None:
-    """The client's address for the audit log: REMOTE_ADDR, if it is an address at all.
+    """The client's address for the audit log, if it is an address at all.
 
-    Behind a reverse proxy this is the proxy's address; the panel trusts no
-    forwarded-for header, since any client can send one.
+    REMOTE_ADDR, unless settings.VPANEL_PROXIES says N proxies of the
+    provider's own stand in front: then the Nth address from the right of
+    X-Forwarded-For, the one the outermost of them appended. Anything further
+    left is the client's own word and is never taken; a header with fewer
+    addresses than that gives REMOTE_ADDR.
     """
     raw = request.META.get("REMOTE_ADDR") or ""
+    proxies = int(getattr(settings, "VPANEL_PROXIES", 0))
+    if proxies:
+        hops = [h.strip() for h in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+        hops = [h for h in hops if h]
+        if len(hops) >= proxies:
+            raw = hops[-proxies]
     try:
         return str(ipaddress.ip_address(raw))
     except ValueError:

@@ -53,8 +53,11 @@ def action_error_body(exc: ActionError) -> dict[str, Any]:
 
 
 def actor_of(request: Request) -> Actor:
-    """Who acts, from where: REMOTE_ADDR only (a forwarded header is the client's word)."""
-    return Actor(request.user, request.META.get("REMOTE_ADDR") or None)
+    """Who acts, from where (the pages' rule: REMOTE_ADDR, or the address the
+    provider's own proxies appended; hosting.views.source_ip)."""
+    from panel.hosting.views import source_ip
+
+    return Actor(request.user, source_ip(request))
 
 
 class VPanelViewSetMixin:

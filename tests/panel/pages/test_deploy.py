@@ -7,6 +7,7 @@ import secrets
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -46,3 +47,33 @@ def test_https_turns_on_redirect_hsts_and_secure_cookies(tmp_path: Path) -> None
     plain = {**PRODUCTION, "VPANEL_HTTPS": "0"}
     proc = python(tmp_path / "var", "-c", code, **plain)
     assert proc.stdout.split() == ["False", "0", "False", "False"]
+
+
+def test_behind_proxies_the_scheme_and_client_address_come_from_their_headers(
+        tmp_path: Path) -> None:
+    code = ("from django.conf import settings as s; print(s.SECURE_PROXY_SSL_HEADER, "
+            "s.AXES_IPWARE_PROXY_COUNT)")
+    proc = python(tmp_path / "var", "-c", code, **PRODUCTION, VPANEL_PROXIES="1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["('HTTP_X_FORWARDED_PROTO',", "'https')", "1"]
+    bad = python(tmp_path / "var", "-c", code, **PRODUCTION, VPANEL_PROXIES="-1")
+    assert bad.returncode != 0 and "VPANEL_PROXIES" in bad.stderr
+
+
+def test_the_audited_address_is_the_one_the_providers_proxies_appended(settings: Any) -> None:
+    from django.test import RequestFactory
+
+    from panel.hosting.views import source_ip
+
+    rf = RequestFactory()
+    forged = {"HTTP_X_FORWARDED_FOR": "203.0.113.9, 198.18.7.7", "REMOTE_ADDR": "198.18.0.1"}
+    settings.VPANEL_PROXIES = 0
+    assert source_ip(rf.get("/", **forged)) == "198.18.0.1"  # no proxy: the header is ignored
+    settings.VPANEL_PROXIES = 1
+    assert source_ip(rf.get("/", **forged)) == "198.18.7.7"  # what our proxy appended
+    settings.VPANEL_PROXIES = 2
+    assert source_ip(rf.get("/", **forged)) == "203.0.113.9"
+    settings.VPANEL_PROXIES = 3  # fewer hops than proxies: the connection's own address
+    assert source_ip(rf.get("/", **forged)) == "198.18.0.1"
+    settings.VPANEL_PROXIES = 1
+    assert source_ip(rf.get("/", HTTP_X_FORWARDED_FOR="not-an-ip", REMOTE_ADDR="x")) is None
