@@ -16,6 +16,8 @@ Everything a deployment changes comes from the environment:
                       X-Forwarded-Proto and takes the client's address from the
                       Nth address from the right of X-Forwarded-For (what your
                       own proxies appended), for the audit log and login throttling
+  VPANEL_API_RATE     requests a user (or token) may make to the REST API (default
+                      1200/min); VPANEL_API_ANON_RATE the same without a login (60/min)
   VPANEL_VAR_DIR      state directory (default var/ in the source tree): the
                       secret key and the SQLite database
   DATABASE_URL        postgres://USER:PASS@HOST/DB for PostgreSQL (default SQLite)
@@ -198,7 +200,14 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_THROTTLE_RATES": {"anon": "60/min", "user": "1200/min"},
+    "DEFAULT_THROTTLE_CLASSES": [
+        "panel.hosting.api.throttles.UserThrottle",
+        "panel.hosting.api.throttles.AnonThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "anon": os.environ.get("VPANEL_API_ANON_RATE", "60/min"),
+        "user": os.environ.get("VPANEL_API_RATE", "1200/min"),
+    },
 }
 
 SPECTACULAR_SETTINGS = {

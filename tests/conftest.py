@@ -20,6 +20,16 @@ from hostagent.paths import Paths
 from tests.helpers import stop_all
 
 
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    """Every test starts with an empty Django cache: the API's rate counters
+    (panel/hosting/api/throttles.py) outlive a test's database rollback, and
+    users of later tests get the same ids."""
+    from django.core.cache import caches
+
+    caches["default"].clear()
+
+
 @pytest.fixture
 def root_required() -> None:
     if os.geteuid() != 0:

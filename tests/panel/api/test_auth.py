@@ -189,3 +189,15 @@ def test_anonymous_requests_are_asked_to_authenticate(world: World) -> None:
                  "host-list", "api-root"):
         r = c.get(reverse(name))
         assert r.status_code == 401, name
+
+
+def test_a_client_over_its_rate_gets_429_with_retry_after(world: World, settings: Any) -> None:
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {"user": "5/min", "anon": "2/min"}}
+    client = world.client("owner")
+    codes = [client.get(reverse("vserver-list")).status_code for _ in range(6)]
+    assert codes == [200] * 5 + [429]
+    r = client.get(reverse("vserver-list"))
+    assert r.status_code == 429 and int(r["Retry-After"]) > 0
+    # Another user has a rate of their own.
+    assert world.client("admin").get(reverse("vserver-list")).status_code == 200
