@@ -136,7 +136,7 @@ def test_guest_root_cannot_change_addresses_routes_or_links(lan: Lan) -> None:
     _, before = lan.run("ga", "ip addr; ip route")
     code, out = lan.run("ga", f"""
         ip addr add {lan.v4(99)}/24 dev eth0 && echo ADDR_ADDED
-        ip route add 203.0.113.0/24 dev eth0 && echo ROUTE_ADDED
+        ip route add 198.19.113.0/24 dev eth0 && echo ROUTE_ADDED
         ip link set eth0 down && echo LINK_DOWN
         ip link add dummy0 type veth && echo LINK_ADDED
         true""")

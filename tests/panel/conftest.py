@@ -43,11 +43,11 @@ def world(db: None) -> World:
                                memory_mb=1_000_000, cpu_cores=Decimal("512"),
                                disk_gb=100_000, max_vservers=1000)
     pool4 = IPPool.objects.create(name="v4", family=IPFamilyChoices.FAMILY_4,
-                                  network="192.0.2.0/24", first="192.0.2.10",
-                                  last="192.0.2.250", gateway="192.0.2.1")
+                                  network="198.18.2.0/24", first="198.18.2.10",
+                                  last="198.18.2.250", gateway="198.18.2.1")
     pool6 = IPPool.objects.create(name="v6", family=IPFamilyChoices.FAMILY_6,
-                                  network="2001:db8::/64", first="2001:db8::10",
-                                  last="2001:db8::ffff", gateway="2001:db8::1")
+                                  network="fd00:db8::/64", first="fd00:db8::10",
+                                  last="fd00:db8::ffff", gateway="fd00:db8::1")
     return World(plan=plan, customer=a, other_customer=b, host=host, pool4=pool4, pool6=pool6,
                  users=users)
 

@@ -66,8 +66,8 @@ def setup(transactional_db: None, no_agent: None) -> Iterator[dict[str, Any]]:
     host = Host.objects.create(name="node1", agent_socket="/run/x.sock",
                                memory_mb=1_000_000, cpu_cores=Decimal(512))
     pool = IPPool.objects.create(name="v4", family=IPFamilyChoices.FAMILY_4,
-                                 network="192.0.2.0/24", first="192.0.2.10",
-                                 last="192.0.2.250")
+                                 network="198.18.2.0/24", first="198.18.2.10",
+                                 last="198.18.2.250")
     yield {"customer": customer, "owner": owner, "host": host, "pool": pool}
 
 

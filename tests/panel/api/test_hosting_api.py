@@ -128,16 +128,16 @@ class TestIPPoolAPI(APIViewTestCase):
 
     def make_object(self, world: World) -> IPPool:
         return IPPool.objects.create(name=unique("pool"), family=IPFamilyChoices.FAMILY_4,
-                                     network="198.51.100.0/24", first="198.51.100.10",
-                                     last="198.51.100.20")
+                                     network="198.18.100.0/24", first="198.18.100.10",
+                                     last="198.18.100.20")
 
     def create_payload(self, world: World) -> dict[str, Any]:
-        return {"name": "extra", "family": 4, "network": "203.0.113.0/24",
-                "first": "203.0.113.2", "last": "203.0.113.200", "gateway": "203.0.113.1",
+        return {"name": "extra", "family": 4, "network": "198.19.113.0/24",
+                "first": "198.19.113.2", "last": "198.19.113.200", "gateway": "198.19.113.1",
                 "host": world.host.pk}
 
     def update_payload(self, world: World, obj: Any) -> dict[str, Any]:
-        return {"last": "198.51.100.30"}
+        return {"last": "198.18.100.30"}
 
 
 class TestIPAddressAPI(APIViewTestCase):
@@ -146,7 +146,7 @@ class TestIPAddressAPI(APIViewTestCase):
     tenant_scoped = False
     operations = frozenset()
     read_roles = STAFF
-    search_term = "192.0.2."
+    search_term = "198.18.2."
 
     def make_object(self, world: World) -> IPAddress:
         return world.pool4.allocate(make_vserver(world.customer, world.host, ipv4=0))

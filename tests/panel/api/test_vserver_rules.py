@@ -33,7 +33,7 @@ def test_create_ignores_fields_the_panel_decides(world: World) -> None:
     elsewhere = Host.objects.create(name="node2", agent_socket="/run/n2.sock",
                                     state="disabled")
     r = create(world, host=elsewhere.pk, status="running", context_id=4242, init_pid=1,
-               desired_state="stopped", ips=["192.0.2.99"], id=777)
+               desired_state="stopped", ips=["198.18.2.99"], id=777)
     assert r.status_code == 202, r.content
     vs = VServer.objects.get(pk=r.json()["vserver"]["id"])
     assert vs.pk != 777
@@ -41,7 +41,7 @@ def test_create_ignores_fields_the_panel_decides(world: World) -> None:
     assert vs.status == VServerStatusChoices.STATUS_BUILDING
     assert vs.context_id is None and vs.init_pid is None
     assert vs.desired_state == DesiredStateChoices.DESIRED_RUNNING
-    assert list(vs.ips.values_list("address", flat=True)) == ["192.0.2.10"]
+    assert list(vs.ips.values_list("address", flat=True)) == ["198.18.2.10"]
 
 
 def test_create_for_another_tenants_customer_is_refused_like_a_missing_one(
@@ -66,7 +66,7 @@ def test_patch_ignores_read_only_fields(world: World) -> None:
     before = row(vs)
     r = world.client("owner").patch(reverse("vserver-detail", args=[vs.pk]), {
         "customer": world.other_customer.pk, "host": elsewhere.pk, "host_id": elsewhere.pk,
-        "ips": [{"address": "192.0.2.200"}], "status": "running", "context_id": 1,
+        "ips": [{"address": "198.18.2.200"}], "status": "running", "context_id": 1,
         "desired_state": "stopped", "name": "renamed", "capabilities": ["CAP_SYS_ADMIN"],
         "flags": ["fakeinit"], "template": "debian", "onboot": False,
     }, format="json")
@@ -248,7 +248,7 @@ def test_customers_see_their_addresses_only_through_the_vserver(world: World) ->
     vs = make_vserver(world.customer, world.host, ipv4=1, ipv6=1)
     body = world.client("member").get(reverse("vserver-detail", args=[vs.pk])).json()
     assert [(ip["address"], ip["family"], ip["prefixlen"]) for ip in body["ips"]] == [
-        ("192.0.2.10", 4, 24), ("2001:db8::10", 6, 64)]
+        ("198.18.2.10", 4, 24), ("fd00:db8::10", 6, 64)]
     assert body["host"] == "node1" and body["customer"] == world.customer.pk
     assert world.client("member").get(reverse("ipaddress-list")).status_code == 403
     assert world.client("member").get(reverse("ippool-list")).status_code == 403
@@ -357,7 +357,7 @@ def test_operations_list_filters_by_vserver(world: World) -> None:
 
 
 def test_pool_exhaustion_is_a_400_naming_the_family(world: World) -> None:
-    IPPool.objects.filter(pk=world.pool4.pk).update(first="192.0.2.10", last="192.0.2.10")
+    IPPool.objects.filter(pk=world.pool4.pk).update(first="198.18.2.10", last="198.18.2.10")
     make_vserver(world.customer, world.host)
     r = create(world)
     assert r.status_code == 400

@@ -56,8 +56,8 @@ def make_world(socket: str = "/nonexistent/agent.sock") -> World:
     Membership.objects.create(customer=b, user=users["bob"], role=RoleChoices.ROLE_OWNER)
     host = Host.objects.create(name="node1", agent_socket=socket, memory_mb=100_000,
                                cpu_cores=Decimal(64), disk_gb=10_000, max_vservers=100)
-    IPPool.objects.create(name="v4", family=IPFamilyChoices.FAMILY_4, network="192.0.2.0/24",
-                          first="192.0.2.10", last="192.0.2.250")
+    IPPool.objects.create(name="v4", family=IPFamilyChoices.FAMILY_4, network="198.18.2.0/24",
+                          first="198.18.2.10", last="198.18.2.250")
     vs = make_vserver(a, host, name="shop", status=VServerStatusChoices.STATUS_STOPPED)
     theirs = make_vserver(b, host, name="bobs", status=VServerStatusChoices.STATUS_STOPPED)
     return World(a=a, b=b, host=host, users=users, vs=vs, theirs=theirs)

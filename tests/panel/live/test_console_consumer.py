@@ -93,8 +93,8 @@ def tenants(db: None) -> dict[str, Any]:
     Membership.objects.create(customer=a, user=alice, role=RoleChoices.ROLE_MEMBER)
     Membership.objects.create(customer=b, user=bob, role=RoleChoices.ROLE_OWNER)
     host = Host.objects.create(name="nowhere", agent_socket="/nonexistent/agent.sock")
-    IPPool.objects.create(name="v4", family=IPFamilyChoices.FAMILY_4, network="192.0.2.0/24",
-                          first="192.0.2.10", last="192.0.2.250")
+    IPPool.objects.create(name="v4", family=IPFamilyChoices.FAMILY_4, network="198.18.2.0/24",
+                          first="198.18.2.10", last="198.18.2.250")
     vs = make_vserver(a, host, name="shop", status=VServerStatusChoices.STATUS_RUNNING)
     return {"plan": plan, "a": a, "alice": alice, "bob": bob, "vs": vs, "host": host}
 

@@ -66,13 +66,13 @@ def test_the_audited_address_is_the_one_the_providers_proxies_appended(settings:
     from panel.hosting.views import source_ip
 
     rf = RequestFactory()
-    forged = {"HTTP_X_FORWARDED_FOR": "203.0.113.9, 198.18.7.7", "REMOTE_ADDR": "198.18.0.1"}
+    forged = {"HTTP_X_FORWARDED_FOR": "198.19.113.9, 198.18.7.7", "REMOTE_ADDR": "198.18.0.1"}
     settings.VPANEL_PROXIES = 0
     assert source_ip(rf.get("/", **forged)) == "198.18.0.1"  # no proxy: the header is ignored
     settings.VPANEL_PROXIES = 1
     assert source_ip(rf.get("/", **forged)) == "198.18.7.7"  # what our proxy appended
     settings.VPANEL_PROXIES = 2
-    assert source_ip(rf.get("/", **forged)) == "203.0.113.9"
+    assert source_ip(rf.get("/", **forged)) == "198.19.113.9"
     settings.VPANEL_PROXIES = 3  # fewer hops than proxies: the connection's own address
     assert source_ip(rf.get("/", **forged)) == "198.18.0.1"
     settings.VPANEL_PROXIES = 1

@@ -66,7 +66,7 @@ def test_five_wrong_passwords_lock_the_user_out_with_a_message(client: Client,
 def test_the_lock_is_per_user_and_address(client: Client, people: World) -> None:
     for _ in range(5):
         client.post(reverse("login"), {"username": "mia", "password": "wrong"})
-    other_address = Client(REMOTE_ADDR="198.51.100.7")
+    other_address = Client(REMOTE_ADDR="198.18.100.7")
     response = other_address.post(reverse("login"), {"username": "mia", "password": PASSWORD})
     assert response.status_code == 302
     response = client.post(reverse("login"), {"username": "adam", "password": PASSWORD})

@@ -95,9 +95,9 @@ def test_customer_create_edit_and_members(client_as: ClientAs, people: World) ->
 def test_pool_list_counts_used_and_free(client_as: ClientAs, vserver_of: MakeVServer,
                                         people: World) -> None:
     vserver_of()  # takes one IPv4 address
-    small = IPPool.objects.create(name="small", family=4, network="198.51.100.0/29",
-                                  first="198.51.100.1", last="198.51.100.6",
-                                  gateway="198.51.100.1", reserved=["198.51.100.2"])
+    small = IPPool.objects.create(name="small", family=4, network="198.18.100.0/29",
+                                  first="198.18.100.1", last="198.18.100.6",
+                                  gateway="198.18.100.1", reserved=["198.18.100.2"])
     body = client_as("staff").get(reverse("pool_list")).content.decode()
     # v4: .10 to .250 is 241 addresses, 1 used; small: .1-.6 less gateway and reserved = 4.
     assert "<td>1</td>\n    <td>240</td>" in body
@@ -107,10 +107,10 @@ def test_pool_list_counts_used_and_free(client_as: ClientAs, vserver_of: MakeVSe
 
 def test_pool_form_runs_the_models_clean(client_as: ClientAs, people: World) -> None:
     response = client_as("staff").post(reverse("pool_create"), {
-        "name": "bad", "family": "4", "network": "192.0.2.0/24", "first": "192.0.3.1",
-        "last": "192.0.2.20", "reserved": "[]"})
+        "name": "bad", "family": "4", "network": "198.18.2.0/24", "first": "198.18.3.1",
+        "last": "198.18.2.20", "reserved": "[]"})
     assert response.status_code == 400
-    assert "is not in 192.0.2.0/24" in response.content.decode()
+    assert "is not in 198.18.2.0/24" in response.content.decode()
 
 
 def test_all_vservers_and_audit_log_filters(client_as: ClientAs, vserver_of: MakeVServer,

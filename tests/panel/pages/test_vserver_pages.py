@@ -170,12 +170,12 @@ def test_start_records_an_operation_and_an_audit_row_with_the_address(
         client_as: ClientAs, vserver_of: MakeVServer, people: World) -> None:
     vs = vserver_of(name="web")
     client = client_as("member")
-    response = client.post(reverse("vserver_start", args=[vs.pk]), REMOTE_ADDR="203.0.113.9")
+    response = client.post(reverse("vserver_start", args=[vs.pk]), REMOTE_ADDR="198.19.113.9")
     assert response.status_code == 302
     vs.refresh_from_db()
     assert vs.status == VServerStatusChoices.STATUS_STARTING
     row = AuditLog.objects.get(action="start-vserver", target_id=str(vs.pk))
-    assert row.source_ip == "203.0.113.9"
+    assert row.source_ip == "198.19.113.9"
     assert row.actor == people.users["member"]
     body = client.get(reverse("vserver_detail", args=[vs.pk])).content.decode()
     assert "web is starting." in body
