@@ -53,7 +53,8 @@ from hostagent import wire
 from hostagent.client import AgentError
 from panel.classroom.autostop import cpu_percent
 from panel.classroom.models import Classroom, Seat, TeachingAssistant
-from panel.guests.processes import _tls
+from panel.guests.processes import tls
+from panel.guests.watching import SharedTasks
 from panel.hosting.choices import RoleChoices
 from panel.hosting.models import Membership
 
@@ -132,20 +133,18 @@ def _read_class(classroom_id: int) -> _ClassView | None:
 
 
 def _transport(socket: str) -> httpx.AsyncBaseTransport:
-    return httpx.AsyncHTTPTransport(uds=socket, verify=_tls())
+    return httpx.AsyncHTTPTransport(uds=socket, verify=tls())
 
 
-class ClassSampler:
+class ClassSampler(SharedTasks):
     """Reference-counted sampling tasks, one per watched class."""
 
     def __init__(self, interval: float = INTERVAL,
                  transport: Callable[[str], httpx.AsyncBaseTransport] = _transport) -> None:
+        super().__init__()
         self.interval = interval
         self.transport = transport  # an agent's socket -> how to reach it (tests pretend)
         self.token = uuid.uuid4().hex  # this process's name on its messages
-        self._counts: dict[int, int] = {}
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._last: dict[int, dict[str, Any]] = {}
         self.asked = 0  # GET /1.0/stats asked since this process started (tests, bench)
         self.ticks = 0  # samples taken (every host asked once each)
 
@@ -154,46 +153,11 @@ class ClassSampler:
     async def watch(self, classroom_id: int) -> dict[str, Any] | None:
         """One more page watches CLASSROOM_ID; the last message sent of it (None before
         the first), to show at once."""
-        self._counts[classroom_id] = self._counts.get(classroom_id, 0) + 1
-        task = self._tasks.get(classroom_id)
-        loop = asyncio.get_running_loop()
-        if task is None or task.done() or task.get_loop() is not loop:
-            self._tasks[classroom_id] = loop.create_task(self._run(classroom_id),
-                                                         name=f"classroom-{classroom_id}")
-        return self._last.get(classroom_id)
-
-    async def unwatch(self, classroom_id: int) -> None:
-        """One page fewer; the last one's leaving ends the task."""
-        left = self._counts.get(classroom_id, 0) - 1
-        if left > 0:
-            self._counts[classroom_id] = left
-            return
-        self._counts.pop(classroom_id, None)
-        self._last.pop(classroom_id, None)
-        task = self._tasks.pop(classroom_id, None)
-        if task is not None and not task.done():
-            task.cancel()
-            if task.get_loop() is asyncio.get_running_loop():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    # --- what tests and the benchmark look at ---
-
-    def watchers(self, classroom_id: int) -> int:
-        return self._counts.get(classroom_id, 0)
-
-    def tasks(self) -> int:
-        """Classes being sampled now."""
-        return sum(1 for t in self._tasks.values() if not t.done())
+        return await self._watch(classroom_id, lambda: self._run(classroom_id),
+                                 f"classroom-{classroom_id}")
 
     def reset(self) -> None:
-        """Forget everything (tests: each runs its own event loop)."""
-        for task in self._tasks.values():
-            if not task.done():
-                task.get_loop().call_soon_threadsafe(task.cancel)
-        self._counts.clear()
-        self._tasks.clear()
-        self._last.clear()
+        super().reset()
         self.asked = self.ticks = 0
 
     # --- the task ---
@@ -202,7 +166,7 @@ class ClassSampler:
         clients: dict[str, httpx.AsyncClient] = {}  # one kept-alive connection per host
         last: dict[int, tuple[float, float]] = {}  # vserver -> its last (cpu s, uptime)
         try:
-            while self._counts.get(classroom_id):
+            while self.watched(classroom_id):
                 try:
                     message = await self._tick(classroom_id, clients, last)
                 except asyncio.CancelledError:

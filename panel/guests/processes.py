@@ -44,8 +44,10 @@ from channels.layers import get_channel_layer
 
 from hostagent import wire
 from hostagent.client import AgentError
+from panel.guests.watching import SharedTasks
 
-__all__ = ["DISK_EVERY", "INTERVAL", "MAX_ROWS", "WATCHER", "ProcessWatcher", "group", "to_page"]
+__all__ = ["DISK_EVERY", "INTERVAL", "MAX_ROWS", "WATCHER", "ProcessWatcher", "group", "tls",
+           "to_page"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ ASK_TIMEOUT = 5.0  # seconds for one usage or quota answer
 
 
 @functools.cache
-def _tls() -> ssl.SSLContext:
+def tls() -> ssl.SSLContext:
     """One TLS context for every stream. A Unix socket never uses it, but httpx makes
     one per transport otherwise, reading the system's CA bundle each time (0.1 s)."""
     return ssl.create_default_context()
@@ -140,16 +142,14 @@ class _Usage:
                 usage["cpu"] = round(100 * (u.cpu_seconds - last[0]) / (u.uptime - last[1]), 1)
 
 
-class ProcessWatcher:
+class ProcessWatcher(SharedTasks):
     """Reference-counted agent streams of process lists, one per watched vserver."""
 
     def __init__(self, interval: float = INTERVAL) -> None:
+        super().__init__()
         self.interval = interval
         self.token = uuid.uuid4().hex  # this process's name on its messages
-        self._counts: dict[int, int] = {}
-        self._tasks: dict[int, asyncio.Task[None]] = {}
         self._open: set[int] = set()  # vservers whose stream is open right now
-        self._last: dict[int, dict[str, Any]] = {}
         self.opened = 0  # streams opened since this process started (tests, bench)
 
     # --- what the consumers call (in the event loop) ---
@@ -159,33 +159,10 @@ class ProcessWatcher:
 
         Returns the last list seen, to show at once (None before the first).
         """
-        self._counts[vs_id] = self._counts.get(vs_id, 0) + 1
-        task = self._tasks.get(vs_id)
-        loop = asyncio.get_running_loop()
-        if task is None or task.done() or task.get_loop() is not loop:
-            self._tasks[vs_id] = loop.create_task(self._stream(vs_id, socket, name),
-                                                  name=f"processes-{vs_id}")
-        return self._last.get(vs_id)
-
-    async def unwatch(self, vs_id: int) -> None:
-        """One page fewer; the last one's leaving closes the stream."""
-        left = self._counts.get(vs_id, 0) - 1
-        if left > 0:
-            self._counts[vs_id] = left
-            return
-        self._counts.pop(vs_id, None)
-        self._last.pop(vs_id, None)
-        task = self._tasks.pop(vs_id, None)
-        if task is not None and not task.done():
-            task.cancel()
-            if task.get_loop() is asyncio.get_running_loop():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        return await self._watch(vs_id, lambda: self._stream(vs_id, socket, name),
+                                 f"processes-{vs_id}")
 
     # --- what tests and the benchmark look at ---
-
-    def watchers(self, vs_id: int) -> int:
-        return self._counts.get(vs_id, 0)
 
     def last(self, vs_id: int) -> dict[str, Any] | None:
         """The last list sent of VS_ID: what a page that starts watching gets at once."""
@@ -195,19 +172,9 @@ class ProcessWatcher:
         """Agent streams open now (connected, not waiting to retry)."""
         return len(self._open)
 
-    def tasks(self) -> int:
-        """Vservers with a stream, open or being (re)opened."""
-        return sum(1 for t in self._tasks.values() if not t.done())
-
     def reset(self) -> None:
-        """Forget everything (tests: each runs its own event loop)."""
-        for task in self._tasks.values():
-            if not task.done():
-                task.get_loop().call_soon_threadsafe(task.cancel)
-        self._counts.clear()
-        self._tasks.clear()
+        super().reset()
         self._open.clear()
-        self._last.clear()
         self.opened = 0
 
     # --- the stream ---
@@ -230,11 +197,11 @@ class ProcessWatcher:
         params = {"type": wire.TYPE_LIFECYCLE, "guest": name, "processes": name,
                   "interval": str(self.interval)}
         delay = BACKOFF_MIN
-        while self._counts.get(vs_id):
+        while self.watched(vs_id):
             error = "the agent ended the stream"
             try:
                 async with httpx.AsyncClient(
-                        transport=httpx.AsyncHTTPTransport(uds=socket, verify=_tls()),
+                        transport=httpx.AsyncHTTPTransport(uds=socket, verify=tls()),
                         base_url="http://agent",
                         timeout=httpx.Timeout(10.0, read=None)) as http, \
                         http.stream("GET", f"/{wire.API_VERSION}/events",
@@ -265,7 +232,7 @@ class ProcessWatcher:
                 error = f"the host's agent does not answer: {e or type(e).__name__}"
             finally:
                 self._open.discard(vs_id)
-            if not self._counts.get(vs_id):
+            if not self.watched(vs_id):
                 return
             _LOG.info("process list of vserver %s: %s; again in %g s", vs_id, error, delay)
             message = {"type": "processes.rows", "vserver": vs_id, "source": self.token,
