@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import subprocess
+from collections.abc import Callable
+from typing import Any
 
-from hostagent import guest
+from hostagent import guest, idmap, syscalls
 from hostagent.cgroup import Cgroup
 from hostagent.paths import Paths
 
@@ -110,3 +114,43 @@ class AgentProcess:
     def fds(self) -> int:
         assert self.proc is not None
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+
+# --- acting as an isolated guest's root (tests/agent/test_idmap.py, tests/security) ---
+
+def as_guest_root(init_pid: int, fn: Callable[[], Any], uid: int = 0) -> Any:
+    """FN's result in a child that joined the guest's user and mount namespaces and
+    became its root (then UID, if not 0), keeping every descriptor the test holds."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            pidfd = syscalls.pidfd_open(init_pid)
+            syscalls.setns(pidfd, syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS)
+            idmap.become_root()
+            if uid:
+                os.setresuid(uid, uid, uid)
+            out = {"result": fn()}
+        except BaseException as e:  # reported to the test, never raised in the fork
+            out = {"error": repr(e)}
+        try:
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    got = json.loads(data)
+    assert "error" not in got, got["error"]
+    return got["result"]
+
+
+def attempt(fn: Callable[[], object]) -> str:
+    """'ok', or the errno name FN failed with."""
+    try:
+        fn()
+    except OSError as e:
+        return errno.errorcode.get(e.errno or 0, str(e))
+    return "ok"

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import fcntl
 import hashlib
-import json
 import os
 import re
 import signal
@@ -16,19 +14,19 @@ import stat
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hostagent import conf, guest, idmap, quota, syscalls, templates, wire
+from hostagent import conf, guest, idmap, quota, templates, wire
 from hostagent.client import AgentClient
 from hostagent.paths import Paths
 from tests.agent.conftest import UPLINK, Lan
 from tests.agent.test_quota import btrfs_roots  # noqa: F401
 from tests.agent.test_rebootmgr import Inbox, Managers, loop, managers  # noqa: F401
-from tests.helpers import AgentProcess, run
+from tests.helpers import AgentProcess, as_guest_root, attempt, run
 
 SUID_SOURCE = r"""
 #include <fcntl.h>
@@ -78,45 +76,6 @@ def owner_of(ns_path: str) -> int:
             os.close(ufd)
     finally:
         os.close(fd)
-
-
-def as_guest_root(init_pid: int, fn: Callable[[], Any]) -> Any:
-    """FN's result, run in a child that has joined the user and mount namespaces of
-    the guest whose PID 1 is INIT_PID and become its root: guest root's credentials,
-    with every capability of its user namespace (more than its ceiling). Whatever
-    descriptors the test opened before stay open in it, as a host file handed to an
-    escaped guest root would."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            pidfd = syscalls.pidfd_open(init_pid)
-            syscalls.setns(pidfd, syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS)
-            idmap.become_root()
-            out = {"result": fn()}
-        except BaseException as e:  # reported to the test, never raised in the fork
-            out = {"error": repr(e)}
-        try:
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    got = json.loads(data)
-    assert "error" not in got, got["error"]
-    return got["result"]
-
-
-def attempt(fn: Callable[[], object]) -> str:
-    """'ok', or the errno name FN failed with."""
-    try:
-        fn()
-    except OSError as e:
-        return errno.errorcode.get(e.errno or 0, str(e))
-    return "ok"
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple[int, int, int, int, str]]:

@@ -11,19 +11,18 @@ what it cannot do, no guest process can.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from hostagent import conf, idmap, syscalls
+from hostagent import conf, idmap
+from tests.helpers import as_guest_root, attempt
 
 if TYPE_CHECKING:
     from .conftest import Lab
@@ -45,43 +44,6 @@ def base_of(lab: Lab, name: str) -> int:
     base = conf.settings_from_file(lab.paths.conf(name)).idmap_base
     assert base is not None
     return base
-
-
-def as_guest_root(init_pid: int, fn: Callable[[], Any], uid: int = 0) -> Any:
-    """FN's result in a child that joined the guest's user and mount namespaces and
-    became its root (then UID, if not 0), keeping every descriptor the test holds."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            pidfd = syscalls.pidfd_open(init_pid)
-            syscalls.setns(pidfd, syscalls.CLONE_NEWUSER | syscalls.CLONE_NEWNS)
-            idmap.become_root()
-            if uid:
-                os.setresuid(uid, uid, uid)
-            out = {"result": fn()}
-        except BaseException as e:  # reported to the test, never raised in the fork
-            out = {"error": repr(e)}
-        try:
-            os.write(w, json.dumps(out).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    got = json.loads(data)
-    assert "error" not in got, got["error"]
-    return got["result"]
-
-
-def attempt(fn: Callable[[], object]) -> str:
-    try:
-        fn()
-    except OSError as e:
-        return errno.errorcode.get(e.errno or 0, str(e))
-    return "ok"
 
 
 def test_guest_root_handed_a_host_directory_cannot_write_root_owned_files(
