@@ -29,7 +29,7 @@ from panel.guests.choices import (
     OperationKindChoices,
     VServerStatusChoices,
 )
-from panel.guests.models import Operation, VServer
+from panel.guests.models import Operation, SSHKey, VServer
 from panel.hosting.choices import CustomerKindChoices, RoleChoices
 from panel.hosting.models import Customer, Membership, Plan
 
@@ -50,6 +50,7 @@ __all__ = [
 
 
 GENERATED = GeneratedPasswordHasher.algorithm
+ROSTER_KEY = "roster"  # the name of the SSH key a roster row gives a student's server
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ def _add_student(classroom: Classroom, row: rostermod.Row, actor: Actor) -> Cred
         group, _ = ClassGroup.objects.get_or_create(classroom=classroom, name=row.group)
     root_password, root_hash = _new_root_password()
     name = seat_name(classroom, row.username)
-    keys = (("roster", row.ssh_key),) if row.ssh_key else ()
+    keys = ((ROSTER_KEY, row.ssh_key),) if row.ssh_key else ()
     vs, _ = gactions.create_vserver(
         classroom.customer, actor=actor, name=name, hostname=name,
         template=classroom.template, ipv4=classroom.seat_ipv4, onboot=False,
@@ -237,7 +238,17 @@ def _update_student(classroom: Classroom, row: rostermod.Row, actor: Actor) -> N
     Seat.objects.filter(pk=seat.pk).update(full_name=row.full_name, email=row.email,
                                            group=group, ssh_key=row.ssh_key)
     get_user_model().objects.filter(pk=seat.user_id).update(email=row.email)
-    audit(actor, classroom.customer, seat.vserver, "update-student", username=row.username,
+    vs = seat.vserver
+    if "ssh key" in row.changes and vs is not None:
+        # The roster's key replaces the one it gave before, on the server too.
+        SSHKey.objects.filter(vserver=vs, name=ROSTER_KEY).delete()
+        if row.ssh_key:
+            key = SSHKey(vserver=vs, name=ROSTER_KEY, key=row.ssh_key.strip())
+            key.full_clean()
+            key.save()
+        if vs.status == VServerStatusChoices.STATUS_RUNNING:
+            gactions._operation(vs, OperationKindChoices.KIND_SSH_KEYS, actor)
+    audit(actor, classroom.customer, vs, "update-student", username=row.username,
           changes=row.changes)
 
 

@@ -171,3 +171,22 @@ def test_server_names_are_valid_and_unique_for_long_and_clashing_logins(school: 
     assert len(set(names)) == 3
     assert all(len(n) <= 31 and n[0].isalpha() for n in names)
     assert "cs101-x-y" in names
+
+
+def test_a_changed_ssh_key_in_the_roster_replaces_the_servers_key(school: School) -> None:
+    other = KEY.replace("ann@laptop", "ann@desktop")
+    actions.apply_roster(school.cs101, roster_csv(("ann", "Ann", "ann@school.example", "", KEY)),
+                         actor=school.actor("teacher"))
+    vs = Seat.objects.get(user__username="ann").vserver
+    assert vs is not None
+    VServer.objects.filter(pk=vs.pk).update(status="running")
+    p, _ = actions.apply_roster(school.cs101,
+                                roster_csv(("ann", "Ann", "ann@school.example", "", other)),
+                                actor=school.actor("teacher"))
+    assert p.rows[0].changes == ["ssh key"]
+    assert list(vs.ssh_keys.values_list("key", flat=True)) == [other]
+    assert Operation.objects.filter(vserver=vs, kind="ssh-keys").count() == 1
+    # Dropped from the roster: gone from the server.
+    actions.apply_roster(school.cs101, roster_csv(("ann", "Ann", "ann@school.example")),
+                         actor=school.actor("teacher"))
+    assert not vs.ssh_keys.exists()
