@@ -230,7 +230,7 @@ if os.environ.get("REDIS_URL"):
     # redis-py's pool refuses its 101st connection outright (MaxConnectionsError), and
     # channels-redis takes one per group_add/send in flight: 200 pages connecting at
     # once passed that (bench/ws_fanout.py). The server allows 10,000 clients.
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+    CHANNEL_LAYERS = {"default": {"BACKEND": "panel.layers.RedisChannelLayer",
                                   "CONFIG": {"hosts": [{"address": os.environ["REDIS_URL"],
                                                         "max_connections": 1000}]}}}
 else:

@@ -61,7 +61,7 @@ def channel_layer(request: pytest.FixtureRequest, settings: Any) -> Iterator[str
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
         settings.CHANNEL_LAYERS = {"default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "panel.layers.RedisChannelLayer",
             "CONFIG": {"hosts": [{"address": url, "max_connections": 1000}],
                        "prefix": f"vpt-{uuid.uuid4().hex[:12]}"}}}
     else:

@@ -38,6 +38,7 @@ from tests.agent import conftest as agent_conftest
 from tests.agent.conftest import UPLINK, Lan
 from tests.helpers import AgentProcess
 from tests.panel.factories import make_plan, make_user, make_vserver
+from tests.panel.live.helpers import Communicator
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -58,8 +59,8 @@ def communicator(pk: int, cookie: str | None = None, *, cols: int = 80,
     headers = [(b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1")]
     if cookie is not None:
         headers.append((b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()))
-    comm = WebsocketCommunicator(application, f"/ws/vservers/{pk}/console/?cols={cols}"
-                                 f"&rows={rows}", headers=headers)
+    comm = Communicator(application, f"/ws/vservers/{pk}/console/?cols={cols}"
+                        f"&rows={rows}", headers=headers)
     comm.scope["client"] = ("127.0.0.1", 50000)
     return comm
 
