@@ -103,9 +103,8 @@ class ClassConsumer(LiveConsumer):
         class_vs = set(Seat.objects.filter(classroom_id=self.classroom_id,
                                            vserver__isnull=False)
                        .values_list("vserver_id", flat=True))
-        snaps = [events.snapshot(s.vserver) for s in self._visible_seats()
-                 if s.vserver is not None]
-        return class_vs, snaps
+        shown = [s.vserver for s in self._visible_seats() if s.vserver is not None]
+        return class_vs, list(events.snapshots(shown).values())
 
     def _still(self) -> tuple[set[int], set[int]] | None:
         """(every server of the class, the visible ones) now; None if the class is no

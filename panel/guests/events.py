@@ -36,8 +36,8 @@ from panel.guests.models import Operation, VServer
 from panel.guests.plan_usage import customers_of, plan_of
 
 __all__ = ["DASHBOARD_OPERATIONS", "RECENT_OPERATIONS", "attach_loop", "detail", "groups_of",
-           "operation", "plans_for", "recent_operations", "send", "snapshot", "state_for",
-           "vserver_changed"]
+           "operation", "plans_for", "recent_operations", "send", "snapshot", "snapshots",
+           "state_for", "vserver_changed"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -102,7 +102,11 @@ def recent_operations(vs_id: int) -> list[dict[str, Any]]:
 
 def state_for(user: Any) -> dict[int, dict[str, Any]]:
     """Every vserver USER may see, by id, as snapshots: the dashboard's live state."""
-    vservers = list(VServer.objects.visible_to(user))
+    return snapshots(list(VServer.objects.visible_to(user)))
+
+
+def snapshots(vservers: list[VServer]) -> dict[int, dict[str, Any]]:
+    """VSERVERS' snapshots by id: their operations under way read in one query for all."""
     ops: dict[int, list[Operation]] = {}
     for op in (Operation.objects.filter(vserver__in=vservers, state__in=_IN_PROGRESS)
                .order_by("-created", "-id")):

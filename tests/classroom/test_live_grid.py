@@ -468,6 +468,27 @@ def test_the_grid_and_the_students_page_load_their_live_scripts(klass: School) -
     assert 'data-vp-live="/ws/vservers/"' in body and 'src="/static/js/live.js"' in body
 
 
+def test_opening_a_grid_reads_the_class_in_the_same_queries_however_many_students(
+        klass: School) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from panel.classroom.consumers import ClassConsumer
+
+    def queries_to_open() -> tuple[int, int]:
+        grid = ClassConsumer()
+        grid.user, grid.classroom_id = klass.users["teacher"], klass.cs101.pk
+        with CaptureQueriesContext(connection) as ctx:
+            _, snaps = grid._state()
+        return len(ctx.captured_queries), len(snaps)
+
+    before, shown = queries_to_open()
+    add_students(klass, klass.cs101, *(f"s{i:02d}" for i in range(12)))
+    after, shown_after = queries_to_open()
+    assert (shown, shown_after) == (3, 15)
+    assert after == before, f"{before} queries for 3 servers, {after} for 15"
+
+
 @pytest.mark.parametrize(("minutes", "text"), [
     (None, "—"), (0, "0 min ago"), (7.5, "7 min ago"), (119, "119 min ago"), (120, "2 h ago"),
     (47 * 60 + 59, "47 h ago"), (48 * 60, "2 d ago"), (-3, "0 min ago")])
