@@ -8,7 +8,9 @@ accounting files, never the tool's own helpers.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -132,16 +134,19 @@ def test_vps_json(vroots: Paths, two: dict[str, guest.RunState]) -> None:
 
 def test_vps_shows_a_chcontext_context_by_number(vroots: Paths, tmp_path: Path) -> None:
     # The context keeps chcontext's stdout: a file, so that nobody waits for its EOF.
+    # A sleep of a length no other test uses: tests running beside this one sleep too.
     out_file = tmp_path / "chcontext.out"
+    length = "60.0133"
     with out_file.open("w") as f:
-        subprocess.run([str(BIN / "chcontext"), "--disconnect", "sleep", "60"], stdout=f,
+        subprocess.run([str(BIN / "chcontext"), "--disconnect", "sleep", length], stdout=f,
                        stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, check=True,
                        timeout=60)
     m = re.search(r"New security context is (\d+)", out_file.read_text())
     assert m, out_file.read_text()
     n = int(m.group(1))
     out = tool("vps", "-eo", "pid,args").stdout
-    line = next(x for x in out.splitlines() if x.endswith("sleep 60"))
+    line = next(x for x in out.splitlines() if x.endswith(f"sleep {length}"))
+    os.kill(int(line.split()[0]), signal.SIGKILL)
     assert line.split()[1:3] == [str(n), "UNKNOWN"], line
 
 

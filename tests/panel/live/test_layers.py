@@ -26,10 +26,12 @@ def test_a_cancelled_receive_ends_even_as_another_consumers_message_arrives(
         redis_url: str) -> None:
     async def go() -> None:
         layer = _layer(redis_url)
-        leaving, staying = await layer.new_channel(), await layer.new_channel()
+        staying = await layer.new_channel()
         try:
             for i in range(ROUNDS):
-                # The leaving consumer's receive reads for the process (BZPOPMIN) ...
+                # A consumer that leaves (a channel of its own, as each consumer has),
+                # whose receive reads for the process (BZPOPMIN) ...
+                leaving = await layer.new_channel()
                 gone = asyncio.ensure_future(layer.receive(leaving))
                 await asyncio.sleep(0.002)
                 kept = asyncio.ensure_future(layer.receive(staying))
@@ -54,9 +56,10 @@ def test_the_library_receive_behind_a_cancelled_one_ends_too(redis_url: str) -> 
     """The inner receive, cancelled again until it ends, leaves no task behind."""
     async def go() -> None:
         layer = _layer(redis_url)
-        leaving, staying = await layer.new_channel(), await layer.new_channel()
+        staying = await layer.new_channel()
         try:
             for i in range(ROUNDS // 4):
+                leaving = await layer.new_channel()
                 gone = asyncio.ensure_future(layer.receive(leaving))
                 await asyncio.sleep(0.002)
                 kept = asyncio.ensure_future(layer.receive(staying))
