@@ -376,7 +376,9 @@ def test_ten_thousand_connections_leave_the_manager_answering_with_fds_flat(
     time.sleep(1)
     assert [item for item in inbox.items if item[0] == "a"] == [("a", "restart")] * 6
     # Every connection is closed again, no task is left, state is bounded.
-    assert settle(lambda: open_fds() == fds_before + 1), (open_fds(), fds_before)  # reach("b")
+    # No more than before, and reach("b")'s: fewer is fine (the process may close one of
+    # its own, say a socket an earlier test left to the garbage collector).
+    assert settle(lambda: open_fds() <= fds_before + 1), (open_fds(), fds_before)
     assert settle(lambda: loop.tasks() == tasks_before), (loop.tasks(), tasks_before)
     # A few lines per window, not one per connection.
     lines = [r for r in caplog.records if r.name == "hostagent.rebootmgr"]
