@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 from panel import layers
 
@@ -22,6 +23,27 @@ def _layer(redis_url: str) -> layers.RedisChannelLayer:
                                     prefix=f"vpt-{uuid.uuid4().hex[:12]}")
 
 
+Receive = asyncio.Future[dict[str, Any]]
+
+
+async def _leave_as_a_message_comes(layer: layers.RedisChannelLayer, staying: str,
+                                    i: int) -> tuple[Receive, Receive]:
+    """Round I: a consumer that leaves (a channel of its own, as each consumer has), whose
+    receive reads for the process (BZPOPMIN) when the message for STAYING's receive comes,
+    and its cancel with it (or a step or two of the loop later: where the answer then is
+    varies). (the leaving receive, just cancelled; the staying one)."""
+    leaving = await layer.new_channel()
+    gone = asyncio.ensure_future(layer.receive(leaving))
+    await asyncio.sleep(0.002)
+    kept = asyncio.ensure_future(layer.receive(staying))
+    await asyncio.sleep(0.001)
+    await layer.send(staying, {"type": "tick", "i": i})
+    for _ in range(i % 3):
+        await asyncio.sleep(0)
+    gone.cancel()
+    return gone, kept
+
+
 def test_a_cancelled_receive_ends_even_as_another_consumers_message_arrives(
         redis_url: str) -> None:
     async def go() -> None:
@@ -29,19 +51,7 @@ def test_a_cancelled_receive_ends_even_as_another_consumers_message_arrives(
         staying = await layer.new_channel()
         try:
             for i in range(ROUNDS):
-                # A consumer that leaves (a channel of its own, as each consumer has),
-                # whose receive reads for the process (BZPOPMIN) ...
-                leaving = await layer.new_channel()
-                gone = asyncio.ensure_future(layer.receive(leaving))
-                await asyncio.sleep(0.002)
-                kept = asyncio.ensure_future(layer.receive(staying))
-                await asyncio.sleep(0.001)
-                # ... when the staying one's message comes, and the cancel with it
-                # (or a step or two of the loop later: where the answer then is varies).
-                await layer.send(staying, {"type": "tick", "i": i})
-                for _ in range(i % 3):
-                    await asyncio.sleep(0)
-                gone.cancel()
+                gone, kept = await _leave_as_a_message_comes(layer, staying, i)
                 done, _ = await asyncio.wait([gone], timeout=2)
                 assert done == {gone} and gone.cancelled(), f"round {i}: the receive went on"
                 # Nothing lost for the consumer that stays.
@@ -59,15 +69,7 @@ def test_the_library_receive_behind_a_cancelled_one_ends_too(redis_url: str) -> 
         staying = await layer.new_channel()
         try:
             for i in range(ROUNDS // 4):
-                leaving = await layer.new_channel()
-                gone = asyncio.ensure_future(layer.receive(leaving))
-                await asyncio.sleep(0.002)
-                kept = asyncio.ensure_future(layer.receive(staying))
-                await asyncio.sleep(0.001)
-                await layer.send(staying, {"type": "tick", "i": i})
-                for _ in range(i % 3):
-                    await asyncio.sleep(0)
-                gone.cancel()
+                _, kept = await _leave_as_a_message_comes(layer, staying, i)
                 await asyncio.wait_for(kept, 5)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 20 * layers.RECANCEL + 5
