@@ -56,7 +56,6 @@ from panel.guests import events
 from panel.guests.consumers import (
     CLOSE_MISSING,
     LiveConsumer,
-    count_audience,
     may_see,
     snapshot_after,
 )
@@ -69,7 +68,6 @@ class ClassConsumer(LiveConsumer):
     usage (`classroom-ID`), as far as the user may see them."""
 
     watching = False
-    counted = False  # in consumers._AUDIENCE
 
     async def begin(self) -> bool:
         self.slug = str(self.scope["url_route"]["kwargs"]["slug"])
@@ -79,8 +77,7 @@ class ClassConsumer(LiveConsumer):
             return False
         self.classroom_id, self.customer_id = found
         if not self.user.is_staff:
-            count_audience(self.customer_id, self.user.pk, +1)
-            self.counted = True
+            self.count_in({self.customer_id})
         # Joined before the state is read: a change in between is sent, not missed.
         await self.join(f"customer-{self.customer_id}")
         await self.join(sampler.group(self.classroom_id))
@@ -130,9 +127,6 @@ class ClassConsumer(LiveConsumer):
 
     async def disconnect(self, code: int) -> None:
         await self._unwatch()
-        if self.counted:
-            self.counted = False
-            count_audience(self.customer_id, self.user.pk, -1)
         await super().disconnect(code)
 
     # --- the page's requests ---

@@ -345,7 +345,17 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
         await self.send_json({"type": "closing", "code": code, "reason": reason})
         await self.close(code=code, reason=reason[:120])
 
+    def count_in(self, customers: set[int]) -> None:
+        """Count this page in _AUDIENCE for exactly CUSTOMERS (the empty set: for none)."""
+        counted: set[int] = getattr(self, "audience", set())
+        for c in counted - customers:
+            count_audience(c, self.user.pk, -1)
+        for c in customers - counted:
+            count_audience(c, self.user.pk, +1)
+        self.audience = set(customers)
+
     async def disconnect(self, code: int) -> None:
+        self.count_in(set())
         self.closing = True
         if self.recheck is not None and self.recheck is not asyncio.current_task():
             self.recheck.cancel()
@@ -424,7 +434,6 @@ class DashboardConsumer(LiveConsumer):
 
     async def begin(self) -> bool:
         self.known: set[int] = set()
-        self.audience: set[int] = set()  # the customers it counts in _AUDIENCE for
         self.plans: dict[int, dict[str, Any]] = {}  # the bars it was last sent, by customer
         await self._join_groups()
         state = await database_sync_to_async(events.state_for)(self.user)
@@ -441,18 +450,7 @@ class DashboardConsumer(LiveConsumer):
                 await self.leave(g)
         for g in wanted - self.joined:
             await self.join(g)
-        customers = {int(g.split("-", 1)[1]) for g in wanted if g.startswith("customer-")}
-        for c in self.audience - customers:
-            count_audience(c, self.user.pk, -1)
-        for c in customers - self.audience:
-            count_audience(c, self.user.pk, +1)
-        self.audience = customers
-
-    async def disconnect(self, code: int) -> None:
-        for c in getattr(self, "audience", ()):
-            count_audience(c, self.user.pk, -1)
-        self.audience = set()
-        await super().disconnect(code)
+        self.count_in({int(g.split("-", 1)[1]) for g in wanted if g.startswith("customer-")})
 
     def _groups(self) -> set[str]:
         if self.user.is_staff:
@@ -536,7 +534,6 @@ class VServerConsumer(LiveConsumer):
     """One vserver (`vserver-ID`), and while asked its process list (`procs-ID`)."""
 
     watching = False
-    counted = False  # in _AUDIENCE
 
     async def begin(self) -> bool:
         self.vs_id = int(self.scope["url_route"]["kwargs"]["pk"])
@@ -546,8 +543,7 @@ class VServerConsumer(LiveConsumer):
             return False
         self.agent_socket, self.vs_name, self.customer_id = where
         if not self.user.is_staff:
-            count_audience(self.customer_id, self.user.pk, +1)
-            self.counted = True
+            self.count_in({self.customer_id})
         await self.join(f"vserver-{self.vs_id}")
         snap = await database_sync_to_async(_read_detail)(self.vs_id)
         if snap is None:
@@ -577,9 +573,6 @@ class VServerConsumer(LiveConsumer):
 
     async def disconnect(self, code: int) -> None:
         await self._unwatch()
-        if self.counted:
-            self.counted = False
-            count_audience(self.customer_id, self.user.pk, -1)
         await super().disconnect(code)
 
     # --- the page's requests ---
